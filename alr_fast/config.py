@@ -1,0 +1,345 @@
+"""The configuration tree: frozen dataclasses, loaded from YAML, with ``key=value`` overrides.
+
+The dataclass defaults are the seed's defaults (SPEC B.2); a YAML recipe only states what differs
+or restates them for the reader. Only the CLI and the ``build_*`` functions read a ``Config``;
+library functions take explicit arguments.
+
+Errors name the offending key: an unknown key (with the closest known ones), a wrong type, or a
+value outside its allowed set, all raised as ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("market1501", "dukemtmc_reid", "msmt17")
+BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet18", "resnet34")
+LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOADERS = ("torch", "dali", "synthetic")
+METRICS = ("cosine", "euclidean", "sqeuclidean")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, input size, sampler and augmentation (SPEC B.2, B.3, B.7, B.8)."""
+
+    dataset: str = "market1501"  # market1501 | dukemtmc_reid | msmt17
+    root: str = "data"  # folder that holds Market-1501-v15.09.15/, DukeMTMC-reID/ or MSMT17_V2/
+    height: int = 384
+    width: int = 128
+    identities_per_batch: int = 16  # P
+    images_per_identity: int = 4  # K
+    steps_per_epoch: int = 200
+    identity_balancing: bool = False
+    augmentation: bool = True  # flip, pad and random crop
+    random_erasing: bool = True  # RandomErasingImageAugmentor; false gives BaseImageAugmentor
+    padding: int = 10
+    loader: str = "torch"  # torch (CPU reference pipeline) | dali | synthetic (random tensors, benchmarks)
+    num_workers: int = 2
+    skip_corrupt: bool = False  # true: drop unreadable JPEGs with a warning instead of stopping
+    verify_images: bool = True  # decode every image once at load time to find corrupt files early
+    testing_size: float = 1.0  # 1: full test set, 0: none, (0,1): fraction of ids, >1: number of ids
+    validation_size: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Three-branch ResNet of SPEC B.4 on torchvision backbones (A.3.1)."""
+
+    backbone: str = "resnet50"
+    pretrained: str = "imagenet"  # none | imagenet | PATH to a torchvision state dict or alr-fast checkpoint
+    region_num: int = 2
+    last_stride: int = 1
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+    neck_eps: float = 2e-5
+    bn_momentum: float = 0.01  # Keras momentum 0.99 in PyTorch's convention
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """Adaptive L2 (SPEC B.5); a negative factor leaves that kind of tensor unregularized."""
+
+    adaptive: bool = True  # false: constant L2, A * sum(W^2)
+    kernel_factor: float = 0.005
+    bias_factor: float = 0.005
+    gamma_factor: float = 0.005
+    beta_factor: float = 0.005
+    implementation: str = "fused"  # fused (one multi-tensor norm, one autograd node) | reference
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam, the two phases and the learning-rate schedule (SPEC B.9)."""
+
+    freeze_backbone_epochs: int = 20  # phase A
+    epochs: int = 200  # phase B
+    lr_mode: str = "default"
+    lr_start: float = 2e-4
+    lr_end: float = 2e-4
+    lr_base: float = 2e-4
+    lr_warmup_epochs: int = 10
+    lr_steady_epochs: int = 30
+    lr_drop_factor: float = 10.0
+    lr_lower_bound: float = 2e-6
+    adam_eps: float = 1e-7
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    tf_adam_step: bool = False  # true: newly unfrozen parameters start at the global Adam step, as TF does
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol (SPEC B.10)."""
+
+    every_epochs: int = 10  # evaluate_testing_every_N_epochs, counted within each phase
+    validation_every_epochs: int = 1
+    flip: bool = True
+    metric: str = "cosine"
+    re_ranking: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    batch_size: int = 64
+    max_rank: int = 50
+    save_features: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes."""
+
+    out_dir: str = ""  # empty: runs/<dataset>_<H>x<W>/<backbone>_<P>_<K>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto: bf16 on a GPU, fp32 on a CPU
+    channels_last: bool = True  # on a GPU
+    log_every: int = 20  # steps between loss reads (the only host syncs of the loop)
+    checkpoint_every: int = 1  # epochs
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def default_out_dir(self) -> str:
+        d = self.data
+        return f"runs/{d.dataset}_{d.height}x{d.width}/{self.model.backbone}_{d.identities_per_batch}_{d.images_per_identity}"
+
+
+# Allowed values of string fields; checked after every load.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": DATASETS,
+    "data.loader": LOADERS,
+    "model.backbone": BACKBONES,
+    "optim.lr_mode": LR_MODES,
+    "run.precision": PRECISIONS,
+    "eval.metric": METRICS,
+    "regularizer.implementation": ("fused", "reference"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless; raise ConfigError otherwise."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp in (int, float, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(
+        f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (known here: {', '.join(known)})")
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Merge a nested ``{section: {key: value}}`` dict into ``base`` (defaults when None)."""
+    cfg = base or Config()
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections = _field_types(Config)
+    updates = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise _unknown_key(str(section), list(sections))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        sub_cls = sections[section]
+        types_ = _field_types(sub_cls)
+        current = getattr(cfg, section)
+        changes = {}
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if key not in types_:
+                raise _unknown_key(full, list(types_))
+            changes[key] = _check_type(full, value, types_[key])
+        updates[section] = dataclasses.replace(current, **changes)
+    cfg = dataclasses.replace(cfg, **updates)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Check allowed values and ranges; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    positive = {
+        "data.height": cfg.data.height,
+        "data.width": cfg.data.width,
+        "data.identities_per_batch": cfg.data.identities_per_batch,
+        "data.images_per_identity": cfg.data.images_per_identity,
+        "data.steps_per_epoch": cfg.data.steps_per_epoch,
+        "eval.every_epochs": cfg.eval.every_epochs,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.max_rank": cfg.eval.max_rank,
+        "run.log_every": cfg.run.log_every,
+        "run.checkpoint_every": cfg.run.checkpoint_every,
+        "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
+        "optim.lr_steady_epochs": cfg.optim.lr_steady_epochs,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    for key, value in {
+        "optim.freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
+        "optim.epochs": cfg.optim.epochs,
+        "data.num_workers": cfg.data.num_workers,
+        "data.padding": cfg.data.padding,
+        "model.region_num": cfg.model.region_num,
+        "data.testing_size": cfg.data.testing_size,
+        "data.validation_size": cfg.data.validation_size,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0; got {value}")
+    if cfg.model.last_stride not in (1, 2):
+        raise ConfigError(f"config key 'model.last_stride' must be 1 or 2; got {cfg.model.last_stride}")
+    if not 0.0 <= cfg.eval.lambda_value <= 1.0:
+        raise ConfigError(f"config key 'eval.lambda_value' must lie in [0, 1]; got {cfg.eval.lambda_value}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.epochs=5"`` -> ``("optim.epochs", 5)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. optim.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
+    if value is None:
+        value = raw
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    nested: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".")
+        # str fields take the raw text, so that e.g. run.out_dir=2024 stays a path
+        types_ = _field_types(Config)
+        if section in types_ and _field_types(types_[section]).get(name) is str and not isinstance(value, str):
+            value = text.split("=", 1)[1].strip()
+        nested.setdefault(section, {})[name] = value
+    return config_from_dict(nested, cfg, source="command line")
+
+
+def bundled_config_names() -> list[str]:
+    files = resources.files("alr_fast.configs")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path | Any:
+    """A path to a YAML file, or the name of a bundled recipe (``market1501_resnet50``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    bundled = resources.files("alr_fast.configs") / f"{stem}.yaml"
+    if str(path) == path.name and bundled.is_file():
+        return bundled
+    raise ConfigError(
+        f"config file '{name_or_path}' does not exist; bundled recipes: {', '.join(bundled_config_names())}"
+    )
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{name_or_path}' is not valid YAML: {exc}") from None
+        cfg = config_from_dict(data, cfg, source=str(name_or_path))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def describe_keys() -> str:
+    """One line per key with its default, for ``--help``."""
+    lines = []
+    defaults = config_to_dict(Config())
+    for section, values in defaults.items():
+        for key, value in values.items():
+            lines.append(f"  {section}.{key}={value!r}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "RegularizerConfig", "OptimConfig", "EvalConfig",
+    "RunConfig", "ConfigError", "load_config", "apply_overrides", "config_from_dict", "dump_config",
+    "config_to_dict", "bundled_config_names", "describe_keys",
+]
