@@ -23,7 +23,7 @@ DATASETS = ("market1501", "dukemtmc_reid", "msmt17")
 BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet18", "resnet34")
 LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LOADERS = ("torch", "dali", "synthetic")
+LOADERS = ("torch",)  # the DALI backend plugs in here (issue: GPU data pipeline)
 METRICS = ("cosine", "euclidean", "sqeuclidean")
 
 
@@ -46,7 +46,7 @@ class DataConfig:
     augmentation: bool = True  # flip, pad and random crop
     random_erasing: bool = True  # RandomErasingImageAugmentor; false gives BaseImageAugmentor
     padding: int = 10
-    loader: str = "torch"  # torch (CPU reference pipeline) | dali | synthetic (random tensors, benchmarks)
+    loader: str = "torch"  # torch: the CPU reference pipeline in a torch DataLoader
     num_workers: int = 2
     skip_corrupt: bool = False  # true: drop unreadable JPEGs with a warning instead of stopping
     verify_images: bool = True  # decode every image once at load time to find corrupt files early

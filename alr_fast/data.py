@@ -1,0 +1,128 @@
+"""Build the dataset and its loaders from a Config: the one place that picks a loader backend.
+
+Every loader keeps the contract ``(images [B,3,H,W] on device, pids [B], camids [B])`` plus
+``len()``, so the training loop never branches on the backend. Training loaders put the encoded
+class labels in the pids slot.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .datasets import published_counts_mismatch, read_dataset, select_testing_subset, split_validation
+from .pipelines.jpeg_store import load_jpeg_store
+from .pipelines.sampler import IdentitySampler
+from .pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader
+from .records import ImageRecord, ReidDataset
+
+log = logging.getLogger("alr_fast")
+
+
+@dataclass
+class DataBundle:
+    dataset: ReidDataset
+    num_classes: int
+    train_loader: object | None
+    # split name ("test", "valid") -> (query loader, gallery loader)
+    eval_loaders: dict[str, tuple[object, object]] = field(default_factory=dict)
+
+
+def _load_store(records: tuple[ImageRecord, ...] | list[ImageRecord], what: str, cfg, progress: bool):
+    store, kept = load_jpeg_store(
+        [r.path for r in records],
+        verify=cfg.data.verify_images,
+        skip_corrupt=cfg.data.skip_corrupt,
+        progress=progress,
+    )
+    if len(kept) < len(records):
+        log.warning("%s: %d unreadable images skipped (data.skip_corrupt=true)", what, len(records) - len(kept))
+    return store, [records[i] for i in kept], kept
+
+
+def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool):
+    store, records, _ = _load_store(records, what, cfg, progress)
+    return TorchEvalLoader(
+        store,
+        np.array([r.pid for r in records], dtype=np.int64),
+        np.array([r.camid for r in records], dtype=np.int64),
+        height=cfg.data.height,
+        width=cfg.data.width,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
+
+
+def build_data(
+    cfg,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    train: bool = True,
+    rank: int = 0,
+    progress: bool = True,
+) -> DataBundle:
+    """Read the dataset of ``cfg.data``, verify its JPEGs, and build the train and eval loaders."""
+    d = cfg.data
+    dataset = read_dataset(d.dataset, d.root)
+    log.info("%s", dataset.summary())
+    for note in published_counts_mismatch(dataset):
+        log.info("note: %s", note)
+    bundle = DataBundle(dataset, dataset.num_classes, None)
+
+    train_records, train_labels = list(dataset.train), np.asarray(dataset.train_labels)
+    if train and d.validation_size > 0:
+        gallery_fraction = len(dataset.gallery) / max(len(dataset.query) + len(dataset.gallery), 1)
+        train_records, train_labels, vq, vg = split_validation(dataset, d.validation_size, gallery_fraction)
+        train_labels = np.asarray(train_labels)
+        log.info("validation split: %d train images, %d valid query, %d valid gallery", len(train_records), len(vq), len(vg))
+        bundle.eval_loaders["valid"] = (
+            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress),
+            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress),
+        )
+
+    if d.testing_size > 0:
+        query, gallery = select_testing_subset(dataset.query, dataset.gallery, d.testing_size)
+        if d.testing_size != 1:
+            log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(query), len(gallery))
+        bundle.eval_loaders["test"] = (
+            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress),
+            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress),
+        )
+
+    if train:
+        store, kept_records, kept = _load_store(train_records, "train", cfg, progress)
+        labels = np.asarray(train_labels)[kept]
+        sampler = IdentitySampler(
+            labels,
+            P=d.identities_per_batch,
+            K=d.images_per_identity,
+            steps_per_epoch=d.steps_per_epoch,
+            seed=cfg.run.seed,
+            rank=rank,
+            identity_balancing=d.identity_balancing,
+        )
+        bundle.train_loader = TorchTrainLoader(
+            store,
+            labels,
+            np.array([r.camid for r in kept_records], dtype=np.int64),
+            sampler,
+            height=d.height,
+            width=d.width,
+            pad=d.padding if d.augmentation else 0,
+            flip_p=0.5 if d.augmentation else 0.0,
+            erase_p=0.5 if d.random_erasing else 0.0,
+            seed=cfg.run.seed,
+            rank=rank,
+            num_workers=d.num_workers,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+        )
+    return bundle
