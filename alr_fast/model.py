@@ -81,7 +81,10 @@ def build_backbone(name: str, pretrained: str = "none") -> nn.Module:
         state = None
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise PretrainedWeightsError(f"model.pretrained='{pretrained}' does not fit a torchvision {name}: {exc}") from exc
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise PretrainedWeightsError(
