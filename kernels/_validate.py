@@ -1,0 +1,68 @@
+"""Argument checks shared by the evaluation kernels (NumPy reference now, CuPy later).
+
+The checks look only at ``.ndim``, ``.shape`` and ``.dtype`` so that they work on any array type
+with NumPy-style metadata. Every failure is a ``ValueError`` that names the argument and shows
+the offending shape and dtype.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(x) -> str:
+    """``"shape (10, 2048) float32"``, for error messages."""
+    return f"shape {tuple(x.shape)} {np.dtype(x.dtype).name}"
+
+
+def check_features(name: str, x, feature_dim: int | None = None, ref_name: str = "qf") -> None:
+    """A feature matrix: 2-D, float16/32/64, at least one row and one column.
+
+    With ``feature_dim`` the second dimension must equal it (the dimension of ``ref_name``).
+    """
+    ok = x.ndim == 2 and np.dtype(x.dtype) in FEATURE_DTYPES and x.shape[0] >= 1 and x.shape[1] >= 1
+    if feature_dim is None:
+        if not ok:
+            raise ValueError(
+                f"{name} must be a non-empty 2-D float array (float16, float32 or float64); "
+                f"got {describe(x)}"
+            )
+    elif not ok or x.shape[1] != feature_dim:
+        raise ValueError(
+            f"{name} must be 2-D float array with the same feature dimension as {ref_name} "
+            f"({feature_dim}); got {describe(x)}"
+        )
+
+
+def _is_real_numeric(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype != np.bool_ and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))
+
+
+def check_matrix(name: str, x, shape: tuple[int, int] | None = None, shape_desc: str = "") -> None:
+    """A real-valued 2-D matrix, non-empty, optionally of an exact shape."""
+    if x.ndim != 2 or not _is_real_numeric(x.dtype) or 0 in x.shape:
+        raise ValueError(f"{name} must be a non-empty 2-D real-valued array; got {describe(x)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} {shape_desc}; got {describe(x)}")
+
+
+def check_labels(name: str, x, length: int, length_desc: str) -> None:
+    """A 1-D label vector (pids or camids) of the given length."""
+    if x.ndim != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D of length {length} ({length_desc}); got {describe(x)}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)
+
+
+def check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
+    return float(value)
