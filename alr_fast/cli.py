@@ -142,7 +142,16 @@ def _quickstart(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may stand before or after options (argparse alone would stop at the first option)
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"'{args.command}' takes no section.key=value overrides: {' '.join(rest)}")
     try:
         if args.command == "train":
             summary = _train(args)
@@ -164,10 +173,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except _user_errors() as exc:
         print(f"alr-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except torch_oom() as exc:
+        print(
+            f"alr-fast {args.command}: error: the GPU ran out of memory ({exc}). Nothing was lost: the run "
+            f"directory keeps its last checkpoint. Lower data.identities_per_batch or eval.batch_size, use "
+            f"run.precision=bf16, or resume with --resume once memory is free.",
+            file=sys.stderr,
+        )
+        return 3
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input: printed as one line, without a traceback."""
+    from .datasets import DatasetError
+    from .model import PretrainedWeightsError
+    from .pipelines.jpeg_store import CorruptImageError
+    from .runs import RunDirError
+
+    return (ConfigError, DatasetError, CorruptImageError, RunDirError, PretrainedWeightsError, OSError)
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.cuda.OutOfMemoryError
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (exists already, or has nothing to resume)."""
 
 
-def prepare_run_dir(path: str | Path, resume: bool = False) -> Path:
-    """Create a fresh run directory, or check that ``path`` holds a run to resume.
+def prepare_run_dir(path: str | Path, resume: bool = False, create: bool = True) -> Path:
+    """Create a fresh run directory (``create``), or check that ``path`` holds a run to resume.
 
     An existing non-empty directory is never reused for a new run: that would overwrite someone's
     results. The seed deletes its output folder at start; this does not.
@@ -42,7 +42,8 @@ def prepare_run_dir(path: str | Path, resume: bool = False) -> Path:
             f"run directory {run} already exists and is not empty; nothing was changed in it. "
             f"Resume it with --resume {run}, or choose another --out."
         )
-    run.mkdir(parents=True, exist_ok=True)
+    if create:
+        run.mkdir(parents=True, exist_ok=True)
     return run
 
 

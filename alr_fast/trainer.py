@@ -197,22 +197,25 @@ def _model_state(task, cfg, epoch: EpochPlan, metrics: dict, classes) -> dict:
 
 def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Train ``cfg`` in ``run_dir`` (new, or resumed from its checkpoint). Returns a summary."""
-    run = prepare_run_dir(run_dir, resume=resume)
-    logger = setup_logging(run)
+    # check the run directory first, create it only once the data has been read: a typo in
+    # data.root must not leave a half-made run directory behind that blocks the corrected command
+    run = prepare_run_dir(run_dir, resume=resume, create=False)
+    logger = setup_logging(run if resume else None)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(run / CHECKPOINT)
         logger.info("resuming %s at epoch %d (step %d)", run, ckpt["next_index"] + 1, ckpt["global_step"])
-    else:
-        atomic_write_bytes(run / CONFIG, dump_config(cfg).encode())
-        logger.info("new run in %s", run)
     torch.manual_seed(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"
-    logger.info("device %s, precision %s, torch %s", device, precision, torch.__version__)
-
     data = build_data(cfg, device=device, channels_last=channels_last, progress=cfg.run.progress)
+    if not resume:
+        prepare_run_dir(run)
+        logger = setup_logging(run)
+        atomic_write_bytes(run / CONFIG, dump_config(cfg).encode())
+        logger.info("new run in %s: %s", run, data.dataset.summary())
+    logger.info("device %s, precision %s, torch %s", device, precision, torch.__version__)
     task = build_task(cfg, data.num_classes).to(device)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
@@ -311,7 +314,7 @@ def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
     """The run's own resolved config, with only overrides that keep the schedule and results."""
     import yaml
 
-    from .config import apply_overrides, parse_override
+    from .config import ConfigError, apply_overrides, parse_override
 
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -320,7 +323,7 @@ def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
     for text in overrides:
         key, _ = parse_override(text)
         if key not in RESUMABLE_OVERRIDES:
-            raise ValueError(
+            raise ConfigError(
                 f"{key} cannot change when resuming (it would change the schedule or the results); "
                 f"allowed: {', '.join(sorted(RESUMABLE_OVERRIDES))}"
             )
