@@ -139,3 +139,16 @@ def test_task_losses_sum_to_total():
     torch.testing.assert_close(losses["total"], parts)
     losses["total"].backward()
     assert all(t.grad is not None for t in task.regularizer.thetas)
+
+
+def test_imagenet_weights_unreachable_says_what_to_do(monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(PretrainedWeightsError) as err:
+        ReidNet(3, "resnet50", pretrained="imagenet")
+    text = str(err.value)
+    assert "resnet50-0676ba61.pth" in text and "checkpoints" in text and "model.pretrained=none" in text
