@@ -25,6 +25,7 @@ LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOADERS = ("torch",)  # the DALI backend plugs in here (issue: GPU data pipeline)
 METRICS = ("cosine", "euclidean", "sqeuclidean")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,9 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     progress: bool = True
     plots: bool = True
+    compile: str = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune
+    profile_steps: int = 0  # > 0: torch.profiler trace of that many steps in the first epoch
+    nvtx: bool = False  # named ranges (data, forward, backward, regularizer, optimizer, evaluation)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.precision": PRECISIONS,
     "eval.metric": METRICS,
     "regularizer.implementation": ("fused", "reference"),
+    "run.compile": COMPILE_MODES,
 }
 
 
@@ -248,6 +253,7 @@ def validate_config(cfg: Config) -> None:
         "model.region_num": cfg.model.region_num,
         "data.testing_size": cfg.data.testing_size,
         "data.validation_size": cfg.data.validation_size,
+        "run.profile_steps": cfg.run.profile_steps,
     }.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0; got {value}")

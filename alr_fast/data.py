@@ -16,6 +16,7 @@ from .datasets import published_counts_mismatch, read_dataset, select_testing_su
 from .pipelines.jpeg_store import load_jpeg_store
 from .pipelines.sampler import IdentitySampler
 from .pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader
+from .distributed import DistEnv, shard_range
 from .records import ImageRecord, ReidDataset
 
 log = logging.getLogger("alr_fast")
@@ -42,8 +43,9 @@ def _load_store(records: tuple[ImageRecord, ...] | list[ImageRecord], what: str,
     return store, [records[i] for i in kept], kept
 
 
-def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool):
-    store, records, _ = _load_store(records, what, cfg, progress)
+def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool, env: DistEnv):
+    start, stop = shard_range(len(records), env)  # contiguous shards: gathering restores the order
+    store, records, _ = _load_store(list(records)[start:stop], what, cfg, progress)
     return TorchEvalLoader(
         store,
         np.array([r.pid for r in records], dtype=np.int64),
@@ -65,10 +67,16 @@ def build_data(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     train: bool = True,
-    rank: int = 0,
     progress: bool = True,
+    dist_env: DistEnv | None = None,
 ) -> DataBundle:
-    """Read the dataset of ``cfg.data``, verify its JPEGs, and build the train and eval loaders."""
+    """Read the dataset of ``cfg.data``, verify its JPEGs, and build the train and eval loaders.
+
+    With several processes, each rank gets its own sampler stream (seeded with its rank) and a
+    contiguous shard of every evaluation set.
+    """
+    env = dist_env or DistEnv()
+    rank = env.rank
     d = cfg.data
     dataset = read_dataset(d.dataset, d.root)
     log.info("%s", dataset.summary())
@@ -83,8 +91,8 @@ def build_data(
         train_labels = np.asarray(train_labels)
         log.info("validation split: %d train images, %d valid query, %d valid gallery", len(train_records), len(vq), len(vg))
         bundle.eval_loaders["valid"] = (
-            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress),
-            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress),
+            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress, env),
+            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress, env),
         )
 
     if d.testing_size > 0:
@@ -92,8 +100,8 @@ def build_data(
         if d.testing_size != 1:
             log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(query), len(gallery))
         bundle.eval_loaders["test"] = (
-            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress),
-            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress),
+            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress, env),
+            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress, env),
         )
 
     if train:

@@ -6,6 +6,7 @@ from torch import nn
 
 from .losses import reid_losses
 from .model import ReidNet, build_model
+from .profiling import Regions
 from .regularizer import AdaptiveL2
 
 
@@ -21,6 +22,7 @@ class ReidTask(nn.Module):
         self.model = model
         self.regularizer = regularizer
         self.label_smoothing = label_smoothing
+        self.regions = Regions(False)  # the Trainer installs its own (profiling / NVTX)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         self.model.set_backbone_frozen(frozen)
@@ -33,7 +35,7 @@ class ReidTask(nn.Module):
         total = sum(losses.values())
         if self.regularizer is not None and len(self.regularizer):
             # the penalty is computed outside autocast: parameters and norms stay float32
-            with torch.autocast(images.device.type, enabled=False):
+            with torch.autocast(images.device.type, enabled=False), self.regions("regularizer"):
                 losses["regularization"] = self.regularizer()
             total = total + losses["regularization"]
         losses["total"] = total

@@ -21,8 +21,14 @@ from tqdm import tqdm
 from .config import Config, config_from_dict, config_to_dict, dump_config
 from .data import build_data
 from .evaluation import evaluate_features, extract_features, format_metrics
-from .runs import BEST, CHECKPOINT, CONFIG, JsonlLog, atomic_write_bytes, load_checkpoint, prepare_run_dir, save_checkpoint, setup_logging
+from .runs import (
+    BEST, CHECKPOINT, CONFIG, JsonlLog, RunDirError, atomic_write_bytes, load_checkpoint, prepare_run_dir,
+    save_checkpoint, setup_logging,
+)
 from .schedule import learning_rate, schedule_from_config
+from .distributed import DistEnv, all_reduce_mean, barrier, gather_numpy, gather_objects, gather_rows, init_distributed, shutdown
+from .evaluation import FeatureSet
+from .profiling import Regions, step_profiler
 from .task import ReidTask, build_task
 
 log = logging.getLogger("alr_fast")
@@ -51,13 +57,52 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 class Trainer:
-    """One optimisation step of a ReidTask; precision is an argument, not a subclass."""
+    """One optimisation step of a ReidTask; precision is an argument, not a subclass.
 
-    def __init__(self, task: ReidTask, optimizer: torch.optim.Optimizer, *, device: torch.device, precision: str = "fp32") -> None:
+    ``step_module`` is what the step calls: the task itself, wrapped in DistributedDataParallel
+    when several processes train, and compiled (``compile_mode``; "reduce-overhead" captures the
+    step in CUDA graphs) when asked. DDP is rebuilt when the set of trainable parameters changes
+    (phase A -> B), since its gradient buckets are fixed at construction.
+    """
+
+    def __init__(
+        self,
+        task: ReidTask,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        dist_env: DistEnv | None = None,
+        compile_mode: str = "none",
+        regions: Regions | None = None,
+    ) -> None:
         if precision not in ("fp32", *AUTOCAST_DTYPES):
             raise ValueError(f"precision must be fp32, bf16 or fp16; got {precision!r}")
         self.task, self.optimizer, self.device, self.precision = task, optimizer, device, precision
+        self.dist = dist_env or DistEnv()
+        self.compile_mode = compile_mode
+        self.regions = regions or Regions(False)
+        task.regions = self.regions
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.step_module: torch.nn.Module = task
+        self._wrap()
+
+    def _wrap(self) -> None:
+        module: torch.nn.Module = self.task
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        if self.compile_mode != "none":
+            module = torch.compile(module, mode=None if self.compile_mode == "default" else self.compile_mode)
+        self.step_module = module
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        changed = self.task.model.backbone_frozen != frozen
+        self.task.set_backbone_frozen(frozen)
+        if changed and (self.dist.enabled or self.compile_mode != "none"):
+            self._wrap()
 
     def autocast(self):
         if self.precision == "fp32":
@@ -67,12 +112,14 @@ class Trainer:
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         """batch = (images [B,3,H,W], labels [B], camids [B]) -> detached losses on the device."""
         images, labels, _ = batch
-        with self.autocast():
-            losses = self.task(images, labels)
+        with self.regions("forward"), self.autocast():
+            losses = self.step_module(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.regions("backward"):
+            self.scaler.scale(losses["total"]).backward()
+        with self.regions("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return {k: v.detach() for k, v in losses.items()}
 
 
@@ -124,28 +171,42 @@ def versions() -> dict[str, str]:
     return out
 
 
-def evaluate_splits(task: ReidTask, loaders: dict, cfg: Config, trainer_autocast, progress: bool, splits=None) -> dict:
+def evaluate_splits(
+    task: ReidTask, loaders: dict, cfg: Config, trainer_autocast, progress: bool, splits=None, dist_env: DistEnv | None = None
+) -> dict:
     """Evaluate the model on each (query, gallery) pair of ``loaders``.
 
-    Returns {split: (metrics, (query FeatureSet, gallery FeatureSet))}."""
+    Each rank extracts features of its contiguous shard; the shards are gathered in rank order,
+    so every rank holds the full feature sets. Returns {split: (metrics, (query, gallery))}.
+    """
+    env = dist_env or DistEnv()
     out = {}
     for split, (qloader, gloader) in loaders.items():
         if splits is not None and split not in splits:
             continue
-        q = extract_features(task.model, qloader, flip=cfg.eval.flip, precision_ctx=trainer_autocast, progress=progress, desc=f"{split} query")
-        g = extract_features(task.model, gloader, flip=cfg.eval.flip, precision_ctx=trainer_autocast, progress=progress, desc=f"{split} gallery")
+        sets = []
+        for loader, part in ((qloader, "query"), (gloader, "gallery")):
+            fs = extract_features(task.model, loader, flip=cfg.eval.flip, precision_ctx=trainer_autocast,
+                                  progress=progress, desc=f"{split} {part}")
+            if env.enabled:
+                fs = FeatureSet(gather_rows(fs.features, env), gather_numpy(fs.pids, env, fs.features.device),
+                                gather_numpy(fs.camids, env, fs.features.device))
+            sets.append(fs)
+        q, g = sets
         metrics = evaluate_features(
             q, g, metric=cfg.eval.metric, re_ranking=cfg.eval.re_ranking,
             k1=cfg.eval.k1, k2=cfg.eval.k2, lambda_value=cfg.eval.lambda_value, max_rank=cfg.eval.max_rank,
-        )
+        ) if env.is_main else {}
         out[split] = (metrics, (q, g))
     return out
 
 
 class _LossMeter:
-    """Sums losses on the device; ``read`` is the one deliberate host sync of the loop."""
+    """Sums losses on the device; ``read`` is the one deliberate host sync of the loop (plus,
+    with several processes, one all-reduce so that the logged values are the mean over ranks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
 
@@ -158,25 +219,27 @@ class _LossMeter:
         if not self.count:
             return {}
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k].float() for k in keys]) / self.count).tolist()  # host sync
+        stacked = all_reduce_mean(torch.stack([self.sums[k].float() for k in keys]) / self.count, self.env)
         self.sums, self.count = {}, 0
-        return dict(zip(keys, values))
+        return dict(zip(keys, stacked.tolist()))  # host sync
 
 
-def _checkpoint_state(task, optimizer, trainer, loader, cfg, next_index, global_step, best, names, classes) -> dict:
+def _checkpoint_state(run: "_Run", next_index: int) -> dict:
     return {
         "format": "alr-fast/1",
-        "config": config_to_dict(cfg),
-        "task": task.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "loader": loader.state_dict(),
+        "config": config_to_dict(run.cfg),
+        "task": run.task.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.trainer.scaler.state_dict(),
+        # one sampler/augmentation state per rank, so each rank resumes its own stream
+        "loader": gather_objects(run.loader.state_dict(), run.env),
+        "world_size": run.env.world_size,
         "next_index": next_index,
-        "global_step": global_step,
-        "best": best,
-        "factor_names": names,
-        "classes": np.asarray(classes),
-        "num_classes": len(classes),
+        "global_step": run.global_step,
+        "best": run.best,
+        "factor_names": run.names,
+        "classes": np.asarray(run.data.dataset.classes),
+        "num_classes": run.data.num_classes,
         "versions": versions(),
     }
 
@@ -195,109 +258,189 @@ def _model_state(task, cfg, epoch: EpochPlan, metrics: dict, classes) -> dict:
     }
 
 
-def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict:
-    """Train ``cfg`` in ``run_dir`` (new, or resumed from its checkpoint). Returns a summary."""
-    # check the run directory first, create it only once the data has been read: a typo in
-    # data.root must not leave a half-made run directory behind that blocks the corrected command
-    run = prepare_run_dir(run_dir, resume=resume, create=False)
-    logger = setup_logging(run if resume else None)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(run / CHECKPOINT)
-        logger.info("resuming %s at epoch %d (step %d)", run, ckpt["next_index"] + 1, ckpt["global_step"])
+@dataclass
+class _Run:
+    """Everything one training run holds; built by ``_start`` and advanced by ``_train_epoch``."""
+
+    cfg: Config
+    dir: Path
+    env: DistEnv
+    device: torch.device
+    data: object
+    task: ReidTask
+    optimizer: torch.optim.Optimizer
+    trainer: Trainer
+    loader: object
+    plan: list[EpochPlan]
+    names: list[str]
+    logs: dict[str, JsonlLog]
+    start: int = 0
+    global_step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"mAP": -1.0, "epoch": None})
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
+    """Check the run directory, read the data, build model/optimizer and restore a checkpoint.
+
+    The run directory is created only once the data has been read: a typo in data.root must not
+    leave a half-made run directory behind that blocks the corrected command.
+    """
+    env = init_distributed(cfg.run.device)
+    main = env.is_main
+    # only rank 0 judges the directory: the others would see the one rank 0 is about to create
+    run_path = prepare_run_dir(run_dir, resume=resume, create=False) if main else Path(run_dir)
+    logger = setup_logging(run_path if (resume and main) else None, level=logging.INFO if main else logging.WARNING)
+    ckpt = load_checkpoint(run_path / CHECKPOINT) if resume else None
+    if ckpt is not None:
+        if ckpt.get("world_size", 1) != env.world_size:
+            raise RunDirError(f"{run_path} was trained with {ckpt.get('world_size', 1)} processes; resume it with as many")
+        logger.info("resuming %s at epoch %d (step %d)", run_path, ckpt["next_index"] + 1, ckpt["global_step"])
     torch.manual_seed(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device) if not (env.enabled and torch.cuda.is_available() and cfg.run.device != "cpu") else torch.device("cuda", env.local_rank)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"
-    data = build_data(cfg, device=device, channels_last=channels_last, progress=cfg.run.progress)
+    data = build_data(cfg, device=device, channels_last=channels_last, progress=cfg.run.progress and main, dist_env=env)
     if not resume:
-        prepare_run_dir(run)
-        logger = setup_logging(run)
-        atomic_write_bytes(run / CONFIG, dump_config(cfg).encode())
-        logger.info("new run in %s: %s", run, data.dataset.summary())
-    logger.info("device %s, precision %s, torch %s", device, precision, torch.__version__)
+        if main:
+            prepare_run_dir(run_path)
+            logger = setup_logging(run_path)
+            atomic_write_bytes(run_path / CONFIG, dump_config(cfg).encode())
+            logger.info("new run in %s: %s", run_path, data.dataset.summary())
+        barrier(env)
+    logger.info("device %s, precision %s, %d process(es), torch %s", device, precision, env.world_size, torch.__version__)
     task = build_task(cfg, data.num_classes).to(device)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg.optim, device)
-    trainer = Trainer(task, optimizer, device=device, precision=precision)
-    loader = data.train_loader
-    names = task.regularizer.names()
+    trainer = Trainer(task, optimizer, device=device, precision=precision, dist_env=env,
+                      compile_mode=cfg.run.compile, regions=Regions(cfg.run.nvtx or cfg.run.profile_steps > 0))
+    logs = {n: JsonlLog(run_path / f"{n}.jsonl") for n in ("metrics", "losses", "factors")}
+    run = _Run(cfg, run_path, env, device, data, task, optimizer, trainer, data.train_loader,
+               plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs), task.regularizer.names(), logs)
     if ckpt is None:
-        atomic_write_bytes(run / FACTOR_NAMES, json.dumps(names).encode())
-    plan = plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs)
-    metrics_log, losses_log, factors_log = (JsonlLog(run / n) for n in ("metrics.jsonl", "losses.jsonl", "factors.jsonl"))
-    start, global_step, best = 0, 0, {"mAP": -1.0, "epoch": None}
-    if ckpt is not None:
-        if ckpt.get("num_classes") != data.num_classes:
-            raise RuntimeError(f"{run}: the checkpoint has {ckpt.get('num_classes')} classes, the dataset {data.num_classes}")
-        task.load_state_dict(ckpt["task"])
-        start, global_step, best = ckpt["next_index"], ckpt["global_step"], ckpt["best"]
-        if start < len(plan):
-            task.set_backbone_frozen(plan[start].phase == "A")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        trainer.scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
-        for jl in (metrics_log, losses_log, factors_log):  # drop what was logged after the checkpoint
-            jl.keep(lambda r: r.get("epoch", 0) <= start)
-    logger.info(
-        "%d regularized tensors, %.1fM parameters, %d classes; %d epochs of %d steps (phase A %d, phase B %d)",
-        len(names), sum(p.numel() for p in task.model.parameters()) / 1e6, data.num_classes,
-        len(plan), len(loader), cfg.optim.freeze_backbone_epochs, cfg.optim.epochs,
-    )
+        if main:
+            atomic_write_bytes(run_path / FACTOR_NAMES, json.dumps(run.names).encode())
+        return run
+    if ckpt.get("num_classes") != data.num_classes:
+        raise RunDirError(f"{run_path}: the checkpoint has {ckpt.get('num_classes')} classes, the dataset {data.num_classes}")
+    task.load_state_dict(ckpt["task"])
+    run.start, run.global_step, run.best = ckpt["next_index"], ckpt["global_step"], ckpt["best"]
+    if run.start < len(run.plan):
+        trainer.set_backbone_frozen(run.plan[run.start].phase == "A")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    loader_state = ckpt["loader"]
+    run.loader.load_state_dict(loader_state[env.rank] if isinstance(loader_state, list) else loader_state)
+    if main:
+        for jl in logs.values():  # drop what was logged after the checkpoint
+            jl.keep(lambda r: r.get("epoch", 0) <= run.start)
+    return run
+
+
+def _enter_phase(run: _Run, ep: EpochPlan) -> None:
+    frozen = ep.phase == "A"
+    if run.task.model.backbone_frozen != frozen or ep.index == run.start:
+        run.trainer.set_backbone_frozen(frozen)
+        if not frozen and run.cfg.optim.tf_adam_step and run.global_step:
+            n = start_at_global_step(run.optimizer, set(run.task.parameters()), run.global_step)
+            log.info("phase B: %d parameters start at Adam step %d", n, run.global_step)
+
+
+def _train_epoch(run: _Run, ep: EpochPlan, lr: float, profiler) -> dict:
+    """One epoch of steps; returns the last logged losses."""
+    cfg, regions = run.cfg, run.trainer.regions
+    run.task.train()
+    meter, t0, images, values = _LossMeter(run.env), time.perf_counter(), 0, {}
+    batches = iter(run.loader)
+    bar = tqdm(range(len(run.loader)), desc=f"epoch {ep.index + 1}/{len(run.plan)} ({ep.phase})",
+               disable=not (cfg.run.progress and run.env.is_main), leave=False)
+    for step in bar:
+        with regions("data"):
+            batch = next(batches)
+        meter.add(run.trainer.train_step(batch))
+        run.global_step += 1
+        images += batch[0].shape[0]
+        if profiler is not None:
+            profiler.step()
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == len(run.loader):
+            values = meter.read()
+            if run.env.is_main:
+                run.logs["losses"].append({"epoch": ep.index + 1, "phase": ep.phase, "step": run.global_step, "lr": lr, **values})
+            bar.set_postfix(loss=f"{values['total']:.3f}")
+    rate = images * run.env.world_size / max(time.perf_counter() - t0, 1e-9)
+    log.info("epoch %d/%d phase %s lr %.2e: loss %.4f, %.0f images/s", ep.index + 1, len(run.plan), ep.phase, lr,
+             values.get("total", float("nan")), rate)
+    return values
+
+
+def _evaluate_epoch(run: _Run, ep: EpochPlan) -> dict:
+    cfg = run.cfg
+    is_last = ep.index == len(run.plan) - 1
+    wanted = [s for s, on in (("test", (ep.epoch + 1) % cfg.eval.every_epochs == 0 or is_last),
+                              ("valid", (ep.epoch + 1) % cfg.eval.validation_every_epochs == 0)) if on]
+    if not wanted:
+        return {}
+    with run.trainer.regions("evaluation"):
+        results = evaluate_splits(run.task, run.data.eval_loaders, cfg, run.trainer.autocast,
+                                  cfg.run.progress and run.env.is_main, splits=wanted, dist_env=run.env)
+    if not run.env.is_main:
+        return results
+    for split, (m, _) in results.items():
+        record = {"epoch": ep.index + 1, "phase": ep.phase, "split": split, **m}
+        run.logs["metrics"].append(record)
+        log.info("%s at epoch %d: %s", split, ep.index + 1, format_metrics(m))
+        if split == "test":
+            run.last_metrics = record
+            if ep.phase == "B" and m["mAP"] > run.best["mAP"]:
+                run.best = {"mAP": m["mAP"], "epoch": ep.index + 1}
+                save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, ep, m, run.data.dataset.classes))
+    return results
+
+
+def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict:
+    """Train ``cfg`` in ``run_dir`` (new, or resumed from its checkpoint). Returns a summary.
+
+    Under torchrun every rank trains on its own P x K stream; rank 0 writes the run directory.
+    """
+    run = _start(cfg, run_dir, resume)
+    env, main = run.env, run.env.is_main
+    log.info("%d regularized tensors, %.1fM parameters, %d classes; %d epochs of %d steps (phase A %d, phase B %d)",
+             len(run.names), sum(p.numel() for p in run.task.model.parameters()) / 1e6, run.data.num_classes,
+             len(run.plan), len(run.loader), cfg.optim.freeze_backbone_epochs, cfg.optim.epochs)
     sched = schedule_from_config(cfg.optim)
-    last_metrics: dict = {}
-    for ep in plan[start:]:
-        frozen = ep.phase == "A"
-        if task.model.backbone_frozen != frozen or ep.index == start:
-            task.set_backbone_frozen(frozen)
-            if not frozen and cfg.optim.tf_adam_step and global_step:
-                n = start_at_global_step(optimizer, set(task.parameters()), global_step)
-                logger.info("phase B: %d parameters start at Adam step %d", n, global_step)
+    profile = cfg.run.profile_steps > 0 and run.start < len(run.plan)
+    profiler = step_profiler(run.dir / "profile" / f"rank{env.rank}", cfg.run.profile_steps) if profile else None
+    for ep in run.plan[run.start:]:
+        _enter_phase(run, ep)
         lr = learning_rate(ep.epoch, **sched)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        task.train()
-        meter, t0, images_seen = _LossMeter(), time.perf_counter(), 0
-        bar = tqdm(loader, desc=f"epoch {ep.index + 1}/{len(plan)} ({ep.phase})", disable=not cfg.run.progress, leave=False)
-        for step, batch in enumerate(bar, 1):
-            meter.add(trainer.train_step(batch))
-            global_step += 1
-            images_seen += batch[0].shape[0]
-            if step % cfg.run.log_every == 0 or step == len(loader):
-                values = meter.read()
-                losses_log.append({"epoch": ep.index + 1, "phase": ep.phase, "step": global_step, "lr": lr, **values})
-                bar.set_postfix(loss=f"{values['total']:.3f}")
-        elapsed = time.perf_counter() - t0
-        factors = task.regularizer.effective_factors().tolist()
-        thetas = [float(t) for t in torch.stack(list(task.regularizer.thetas)).tolist()]
-        factors_log.append({"epoch": ep.index + 1, "phase": ep.phase, "factors": factors, "theta": thetas})
-        logger.info(
-            "epoch %d/%d phase %s lr %.2e: loss %.4f, %.0f images/s",
-            ep.index + 1, len(plan), ep.phase, lr, values.get("total", float("nan")), images_seen / max(elapsed, 1e-9),
-        )
-        evaluate_test = (ep.epoch + 1) % cfg.eval.every_epochs == 0 or ep.index == len(plan) - 1
-        evaluate_valid = (ep.epoch + 1) % cfg.eval.validation_every_epochs == 0
-        wanted = [s for s, on in (("test", evaluate_test), ("valid", evaluate_valid)) if on]
-        results = evaluate_splits(task, data.eval_loaders, cfg, trainer.autocast, cfg.run.progress, splits=wanted) if wanted else {}
-        for split, (m, _) in results.items():
-            record = {"epoch": ep.index + 1, "phase": ep.phase, "split": split, **m}
-            metrics_log.append(record)
-            logger.info("%s at epoch %d: %s", split, ep.index + 1, format_metrics(m))
-            if split == "test":
-                last_metrics = record
-                if ep.phase == "B" and m["mAP"] > best["mAP"]:
-                    best = {"mAP": m["mAP"], "epoch": ep.index + 1}
-                    save_checkpoint(run / BEST, _model_state(task, cfg, ep, m, data.dataset.classes))
-        is_last = ep.index == len(plan) - 1
+        if profiler is not None:
+            profiler.start()
+        _train_epoch(run, ep, lr, profiler)
+        if profiler is not None:
+            profiler.stop()
+            log.info("profile of %d steps written to %s", cfg.run.profile_steps, run.dir / "profile")
+            profiler = None
+        if main:
+            factors = run.task.regularizer.effective_factors().tolist()
+            thetas = torch.stack(list(run.task.regularizer.thetas)).tolist()
+            run.logs["factors"].append({"epoch": ep.index + 1, "phase": ep.phase, "factors": factors, "theta": thetas})
+        results = _evaluate_epoch(run, ep)
+        is_last = ep.index == len(run.plan) - 1
         if (ep.index + 1) % cfg.run.checkpoint_every == 0 or is_last:
-            save_checkpoint(run / CHECKPOINT, _checkpoint_state(task, optimizer, trainer, loader, cfg, ep.index + 1, global_step, best, names, data.dataset.classes))
-        if cfg.run.plots and (results or is_last):
-            _plots(run)
-    if not (run / BEST).is_file() and plan:  # the seed saves the final model when nothing was selected
-        save_checkpoint(run / BEST, _model_state(task, cfg, plan[-1], last_metrics, data.dataset.classes))
-    summary = {"run_dir": str(run), "best": best, "last": {k: v for k, v in last_metrics.items() if k != "cmc"}}
-    logger.info("done: %s", summary)
+            state = _checkpoint_state(run, ep.index + 1)  # collective: every rank contributes its loader state
+            if main:
+                save_checkpoint(run.dir / CHECKPOINT, state)
+        if main and cfg.run.plots and (results or is_last):
+            _plots(run.dir)
+    if main and not (run.dir / BEST).is_file() and run.plan:  # the seed saves the final model when nothing was selected
+        save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, run.plan[-1], run.last_metrics, run.data.dataset.classes))
+    barrier(env)
+    summary = {"run_dir": str(run.dir), "best": run.best, "last": {k: v for k, v in run.last_metrics.items() if k != "cmc"}}
+    log.info("done: %s", summary)
+    shutdown(env)
     return summary
 
 
