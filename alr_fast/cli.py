@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run directory (default: run.out_dir, else runs/<dataset>_<H>x<W>/<backbone>_<P>_<K>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint, on the same schedule")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        help="write a torch.profiler trace of N training steps (after 1 skipped and 2 warm-up steps) to "
+        "RUN/profile/rank<R>/ (trace.json for chrome://tracing or Perfetto, summary.txt); same as run.profile_steps=N",
+    )
 
     p = sub.add_parser(
         "evaluate",
@@ -117,7 +124,7 @@ def _train(args) -> dict:
             print(dump_config(cfg))
             return {}
         return fit(cfg, args.resume, resume=True)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + ([f"run.profile_steps={args.profile}"] if args.profile else []))
     if args.print_config:
         print(dump_config(cfg))
         return {}

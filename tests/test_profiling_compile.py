@@ -1,0 +1,82 @@
+"""--profile writes a trace with the named ranges; a compiled step gives the eager losses."""
+import json
+
+import pytest
+import torch
+
+from alr_fast.cli import main
+from alr_fast.model import ReidNet
+from alr_fast.regularizer import AdaptiveL2
+from alr_fast.synthetic import make_synthetic
+from alr_fast.task import ReidTask
+from alr_fast.trainer import Trainer, build_optimizer
+
+FACTORS = dict(kernel=0.005, bias=0.005, gamma=0.005, beta=0.005)
+
+
+def test_profile_flag_writes_trace_with_named_ranges(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic(root, "market1501", num_train_ids=6, num_test_ids=4, num_cameras=2, images_per_camera=2, seed=2)
+    run = tmp_path / "run"
+    code = main(["train", "--out", str(run), "--profile", "2", f"data.root={root}", "model.backbone=resnet18",
+                 "model.pretrained=none", "data.height=64", "data.width=32", "data.identities_per_batch=2",
+                 "data.images_per_identity=2", "data.steps_per_epoch=6", "data.num_workers=0",
+                 "optim.freeze_backbone_epochs=0", "optim.epochs=1", "run.progress=false", "run.plots=false"])
+    assert code == 0
+    trace = run / "profile" / "rank0" / "trace.json"
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    for region in ("data", "forward", "backward", "regularizer", "optimizer"):
+        assert region in names, region
+    assert "aten::_foreach_norm" in names  # the fused penalty: one multi-tensor norm
+    assert (run / "profile" / "rank0" / "summary.txt").stat().st_size > 0
+
+
+def _step_losses(compile_mode: str, steps: int = 3) -> list[dict]:
+    torch.manual_seed(0)
+    net = ReidNet(4, "resnet18", region_num=2)
+    task = ReidTask(net, AdaptiveL2(net, FACTORS))
+    opt = build_optimizer(task, type("O", (), dict(lr_base=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-7))(),
+                          torch.device("cpu"))
+    trainer = Trainer(task, opt, device=torch.device("cpu"), compile_mode=compile_mode)
+    task.train()
+    out = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        batch = (torch.randn(8, 3, 64, 32, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.zeros(8))
+        out.append({k: float(v) for k, v in trainer.train_step(batch).items()})
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_eager_losses():
+    eager = _step_losses("none")
+    compiled = _step_losses("default")
+    assert compiled[0].keys() == eager[0].keys()
+    # step 0: same weights, only kernel accumulation order differs (measured <= 1.4e-6)
+    for k in eager[0]:
+        assert compiled[0][k] == pytest.approx(eager[0][k], rel=1e-5), k
+    # later steps: Adam turns tiny gradient differences into whole-lr updates of near-zero
+    # gradients, so single terms drift (measured <= 2e-3 by step 2); the total stays close
+    for a, b in zip(compiled, eager):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-3)
+        assert a["regularization"] == pytest.approx(b["regularization"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_gives_the_eager_losses():
+    def run(mode):
+        torch.manual_seed(0)
+        net = ReidNet(4, "resnet18").cuda()
+        task = ReidTask(net, AdaptiveL2(net, FACTORS))
+        opt = build_optimizer(task, type("O", (), dict(lr_base=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-7))(),
+                              torch.device("cuda"))
+        trainer = Trainer(task, opt, device=torch.device("cuda"), precision="fp32", compile_mode=mode)
+        task.train()
+        losses = []
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            batch = (torch.randn(8, 3, 64, 32, generator=g).cuda(), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).cuda(), None)
+            losses.append(float(trainer.train_step(batch)["total"]))
+        return losses
+
+    assert run("reduce-overhead") == pytest.approx(run("none"), rel=1e-3)
