@@ -94,7 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra config overrides")
 
     sub.add_parser("configs", help="list the bundled recipes")
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: train (training step), pipeline (data loaders), kernels (evaluation kernels)",
+        description="Run a benchmark; 'alr-fast bench WHICH --help' lists its options. Results go to "
+        "bench/results/ as JSON (device and versions included) with a plot.",
+    )
+    p.add_argument("which", choices=tuple(BENCHMARKS), help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
     return parser
+
+
+# benchmark name -> module under alr_fast.bench with a main(argv) -> int
+BENCHMARKS = {"train": "train", "pipeline": "pipeline", "kernels": "kernels"}
+
+
+def _bench(which: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"alr_fast.bench.{BENCHMARKS[which]}").main(argv)
 
 
 def _make_synthetic(args) -> Path:
@@ -150,6 +169,9 @@ def _quickstart(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:  # options belong to the benchmark
+        return _bench(argv[1], argv[2:])
     # overrides may stand before or after options (argparse alone would stop at the first option)
     args, rest = parser.parse_known_args(argv)
     stray = [r for r in rest if r.startswith("-") or "=" not in r]

@@ -1,0 +1,191 @@
+"""Training-step benchmark (``alr-fast bench train``): images/s and step-time percentiles of
+
+  eager_no_penalty  model on device-resident tensors, eager, no regularizer (the floor)
+  eager_reference   (a)  eager, adaptive L2 as the per-tensor Python loop
+  eager_fused       (a') eager, fused adaptive L2 (one multi-tensor norm, one autograd node)
+  captured          (b)  fused step under torch.compile ("reduce-overhead" = CUDA graphs on a GPU)
+  dali              (c)  the captured step fed end to end by the DALI pipeline
+  torch_loader      (d)  the captured step fed end to end by the torch DataLoader reference pipeline
+
+all in one run, with ratios against each other, peak memory, a JSON file in bench/results/ that
+names the device and versions, and a bar plot. Every timed step is synchronised (deliberately) so
+that percentiles mean something; throughput is steps*batch/total time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alr_fast.bench.common import DEFAULT_OUT, bar_plot, environment, result_path, time_steps, write_result
+from alr_fast.config import load_config
+from alr_fast.trainer import Trainer, build_optimizer, resolve_device, resolve_precision
+
+MODES = ("eager_no_penalty", "eager_reference", "eager_fused", "captured", "dali", "torch_loader")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alr-fast bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--P", type=int, default=16, help="identities per batch")
+    p.add_argument("--K", type=int, default=4, help="images per identity")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per mode (compilation happens here)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers for torch_loader")
+    p.add_argument("--data", default="", help="dataset root for the end-to-end modes (default: a synthetic "
+                   "Market-1501-layout set generated in a temporary folder)")
+    p.add_argument("--classes", type=int, default=751, help="classifier width for the device-resident modes")
+    p.add_argument("--capture", default="auto", choices=("auto", "none"),
+                   help="auto: captured/dali/torch_loader use torch.compile (reduce-overhead on a GPU, default on a "
+                   "CPU); none: every mode runs eager (quick smoke runs)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON result and the plot")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def _cfg(args, loader: str, root: str, penalty: str):
+    return load_config(None, [
+        f"data.root={root}", f"data.loader={loader}", f"data.height={args.height}", f"data.width={args.width}",
+        f"data.identities_per_batch={args.P}", f"data.images_per_identity={args.K}", f"data.num_workers={args.workers}",
+        f"model.backbone={args.backbone}", "model.pretrained=none", f"regularizer.implementation={penalty}",
+        f"run.precision={args.precision}", f"run.device={args.device}", "run.progress=false", "data.testing_size=0",
+        "data.steps_per_epoch=100000",
+    ])
+
+
+def _make_trainer(cfg, num_classes: int, device: torch.device, penalty: bool, compile_mode: str) -> Trainer:
+    from alr_fast.task import build_task
+
+    torch.manual_seed(0)
+    task = build_task(cfg, num_classes).to(device)
+    if not penalty:
+        task.regularizer = None
+    channels_last = device.type == "cuda"
+    if channels_last:
+        task.model.to(memory_format=torch.channels_last)
+    task.train()
+    trainer = Trainer(task, build_optimizer(task, cfg.optim, device), device=device,
+                      precision=resolve_precision(cfg.run.precision, device), compile_mode=compile_mode)
+    return trainer
+
+
+def _resident_batch(args, device: torch.device, channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.P * args.K, 3, args.height, args.width, generator=g).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(args.P).repeat_interleave(args.K).to(device)
+    return images, labels, torch.zeros_like(labels)
+
+
+def _loader_steps(loader):
+    """An endless stream of batches over epochs."""
+    while True:
+        yield from loader
+
+
+def run_mode(mode: str, args, device: torch.device, data_root: str) -> dict:
+    capture = "none" if args.capture == "none" else ("reduce-overhead" if device.type == "cuda" else "default")
+    compile_mode = capture if mode in ("captured", "dali", "torch_loader") else "none"
+    penalty = "reference" if mode == "eager_reference" else "fused"
+    if mode in ("dali", "torch_loader"):
+        from alr_fast.data import build_data
+
+        cfg = _cfg(args, "dali" if mode == "dali" else "torch", data_root, penalty)
+        data = build_data(cfg, device=device, channels_last=device.type == "cuda", progress=False)
+        trainer = _make_trainer(cfg, data.num_classes, device, True, compile_mode)
+        stream = _loader_steps(data.train_loader)
+
+        def step():
+            return trainer.train_step(next(stream))
+    else:
+        cfg = _cfg(args, "torch", data_root or ".", penalty)
+        trainer = _make_trainer(cfg, args.classes, device, mode != "eager_no_penalty", compile_mode)
+        batch = _resident_batch(args, device, device.type == "cuda")
+
+        def step():
+            return trainer.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = time_steps(step, device, args.steps, args.warmup)
+    stats["images_per_s"] = args.steps * args.P * args.K / stats["total_s"]
+    stats["compile_mode"] = compile_mode
+    stats["penalty"] = penalty if mode != "eager_no_penalty" else None
+    stats["regularized_tensors"] = len(trainer.task.regularizer) if trainer.task.regularizer is not None else 0
+    if device.type == "cuda":
+        stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return stats
+
+
+def ratios(results: dict) -> dict:
+    ips = {m: r["images_per_s"] for m, r in results.items()}
+    out = {}
+
+    def ratio(name, a, b):
+        if a in ips and b in ips:
+            out[name] = ips[a] / ips[b]
+
+    ratio("c_dali_over_b_captured", "dali", "captured")
+    ratio("c_dali_over_a_eager_reference", "dali", "eager_reference")
+    ratio("d_torch_loader_over_b_captured", "torch_loader", "captured")
+    ratio("a_fused_over_a_reference", "eager_fused", "eager_reference")
+    ratio("b_captured_over_a_fused", "captured", "eager_fused")
+    if "eager_no_penalty" in results and "eager_fused" in results:
+        t0, t1 = results["eager_no_penalty"]["mean_s"], results["eager_fused"]["mean_s"]
+        out["fused_penalty_fraction_of_eager_step"] = (t1 - t0) / t1
+    if "eager_no_penalty" in results and "eager_reference" in results:
+        t0, t1 = results["eager_no_penalty"]["mean_s"], results["eager_reference"]["mean_s"]
+        out["reference_penalty_fraction_of_eager_step"] = (t1 - t0) / t1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(f"alr-fast bench train: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    env = environment(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data
+        if not data_root and any(m in ("dali", "torch_loader") for m in modes):
+            from alr_fast.synthetic import make_synthetic
+
+            data_root = tmp
+            make_synthetic(tmp, "market1501", num_train_ids=max(2 * args.P, 32), num_test_ids=4, seed=0)
+        results = {}
+        for mode in modes:
+            print(f"bench train: {mode} ...", file=sys.stderr, flush=True)
+            try:
+                results[mode] = run_mode(mode, args, device, data_root)
+            except ImportError as exc:  # e.g. DALI not installed: the other modes still count
+                results[mode] = {"skipped": str(exc)}
+            if "images_per_s" in results[mode]:
+                r = results[mode]
+                print(f"  {r['images_per_s']:,.1f} images/s, p50 {1e3 * r['p50_s']:.2f} ms, p99 {1e3 * r['p99_s']:.2f} ms",
+                      file=sys.stderr)
+    timed = {m: r for m, r in results.items() if "images_per_s" in r}
+    payload = {"kind": "train", "environment": env, "args": vars(args), "results": results, "ratios": ratios(timed)}
+    path = write_result(result_path(Path(args.out), "train", env), payload)
+    if not args.no_plot and timed:
+        bar_plot(path.with_suffix(".png"), list(timed), [r["images_per_s"] for r in timed.values()], "images/s",
+                 f"training step, {args.backbone} P{args.P}xK{args.K} {args.height}x{args.width} on {env['device_name']}")
+    for k, v in payload["ratios"].items():
+        print(f"  {k}: {v:.3f}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
