@@ -177,3 +177,13 @@ def test_misnamed_file_is_named(broken_copy, tmp_path, capsys):
     shutil.copy(sorted(train.glob("*.jpg"))[0], train / "person_7.jpg")
     assert main(["train", "--out", str(tmp_path / "r"), f"data.root={root}", *TINY]) == 2
     assert "person_7.jpg" in capsys.readouterr().err
+
+
+def test_validation_split_is_evaluated(data_root, tmp_path):
+    run = tmp_path / "valid"
+    assert _train(run, data_root, "data.validation_size=0.5", "optim.epochs=1", "run.plots=false",
+                  "eval.validation_every_epochs=1") == 0
+    metrics = JsonlLog(run / "metrics.jsonl").read()
+    valid = [m for m in metrics if m["split"] == "valid"]
+    assert [m["epoch"] for m in valid] == [1, 2]
+    assert all(0 <= m["mAP"] <= 1 and m["num_query"] > 0 and m["num_gallery"] > 0 for m in valid)
