@@ -56,6 +56,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
 class Trainer:
     """One optimisation step of a ReidTask; precision is an argument, not a subclass.
 
@@ -105,9 +112,7 @@ class Trainer:
             self._wrap()
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+        return autocast_context(self.device, self.precision)
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         """batch = (images [B,3,H,W], labels [B], camids [B]) -> detached losses on the device."""
@@ -297,7 +302,10 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
             raise RunDirError(f"{run_path} was trained with {ckpt.get('world_size', 1)} processes; resume it with as many")
         logger.info("resuming %s at epoch %d (step %d)", run_path, ckpt["next_index"] + 1, ckpt["global_step"])
     torch.manual_seed(cfg.run.seed)
-    device = resolve_device(cfg.run.device) if not (env.enabled and torch.cuda.is_available() and cfg.run.device != "cpu") else torch.device("cuda", env.local_rank)
+    if env.enabled and cfg.run.device in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank)  # one GPU per rank
+    else:
+        device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"
     data = build_data(cfg, device=device, channels_last=channels_last, progress=cfg.run.progress and main, dist_env=env)
@@ -494,8 +502,8 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
     data = build_data(cfg, device=device, train=False, progress=cfg.run.progress)
     task = build_task(cfg, int(state["num_classes"])).to(device)
     task.load_state_dict(state["task"])
-    trainer = Trainer(task, build_optimizer(task, cfg.optim, torch.device("cpu")), device=device, precision=precision)
-    results = evaluate_splits(task, data.eval_loaders, cfg, trainer.autocast, cfg.run.progress, splits=["test"])
+    results = evaluate_splits(task, data.eval_loaders, cfg, lambda: autocast_context(device, precision),
+                              cfg.run.progress, splits=["test"])
     m, (q, g) = results["test"]
     target = Path(checkpoint)
     folder = Path(out) if out else (target if target.is_dir() else target.parent)
