@@ -55,10 +55,11 @@ def multi_tensor_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
             noop = torch.zeros(1, dtype=torch.int, device=tensors[0].device)
             _, per_tensor = applier(amp_C.multi_tensor_l2norm, noop, [tensors], True)
             return per_tensor.float().square()
-    # CPU foreach norms accumulate sequentially in the input dtype (7e-5 relative error on a 1M-element
-    # float32 tensor): accumulate in float64 there. GPU reductions are tree-shaped and stay float32.
-    acc = None if tensors[0].is_cuda else torch.float64
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square()
+    # Accumulation is in the parameters' dtype. On a CPU torch sums float32 norms nearly
+    # sequentially (7e-5 relative error measured on a 1.2M-element tensor; float64 accumulation
+    # would cost 16x the time, 660 ms per step for ResNet-50). Only the penalty's value and the
+    # theta gradients (which Adam normalises) see this; the weight gradients 2*A*hs(theta)*W do not.
+    return torch.stack(torch._foreach_norm(tensors, 2)).square()
 
 
 def penalty_reference(
