@@ -1,0 +1,48 @@
+"""The pipeline benchmark runs end to end on a CPU with tiny settings and writes its result file and plot."""
+import importlib.util
+import json
+
+import pytest
+
+from alr_fast.bench import pipeline as bench_pipeline
+
+HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
+
+
+def test_bench_pipeline_writes_json_and_plot(tmp_path, capsys):
+    argv = [
+        "--device", "cpu", "--height", "32", "--width", "16", "--P", "2", "--K", "2", "--steps", "2", "--warmup", "1",
+        "--workers", "0", "--dali-workers", "1", "--dali-threads", "1", "--backbone", "resnet18", "--ids", "4",
+        "--precision", "fp32", "--out", str(tmp_path),
+    ]
+    assert bench_pipeline.main(argv) == 0
+    (path,) = tmp_path.glob("pipeline-*.json")
+    assert str(path) in capsys.readouterr().out
+    assert path.with_suffix(".png").stat().st_size > 1000
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    assert result["kind"] == "pipeline" and env["device"] == "cpu" and env["device_name"]
+    assert env["torch"] and env["torchvision"] and "cuda" in env and env["date"]
+    assert (env["dali"] is not None) == HAS_DALI
+    assert result["batch_size"] == 4 and result["dataset"]["images"] > 4 and result["dataset"]["identities"] == 4
+    compute = result["compute"]
+    assert compute["images_per_s"] > 0 and compute["steps"] == 2
+    assert set(result["results"]) == {"torch", "dali", "dali_parallel", "cache"}
+    timed = ["torch", "cache"] + (["dali", "dali_parallel"] if HAS_DALI else [])
+    for kind in timed:
+        r = result["results"][kind]
+        for mode in ("loader", "train"):
+            assert r[mode]["images_per_s"] > 0 and r[mode]["steps"] == 2
+            lat = r[mode]["latency_ms"]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert r["train"]["fraction_of_compute"] == pytest.approx(r["train"]["images_per_s"] / compute["images_per_s"])
+    assert result["results"]["cache"]["cache_bytes"] == result["dataset"]["images"] * 32 * 16 * 3
+    if not HAS_DALI:
+        assert "pip install nvidia-dali-cuda130" in result["results"]["dali"]["skipped"]
+
+
+def test_bench_pipeline_rejects_unknown_loader(tmp_path):
+    with pytest.raises(SystemExit, match="unknown loader"):
+        bench_pipeline.main(["--loaders", "torch,opencv", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench_pipeline.main(["--help"])
