@@ -33,7 +33,7 @@ setup(
         "scikit-learn>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=7.0"],
+        "test": ["pytest>=7.0", "nvidia-dali-cuda130"],  # DALI tests run in CPU mode without a GPU
         "dali": ["nvidia-dali-cuda130"],
         "cupy": ["cupy-cuda13x"],
     },

@@ -223,7 +223,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .pipelines.jpeg_store import CorruptImageError
     from .runs import RunDirError
 
-    return (ConfigError, DatasetError, CorruptImageError, RunDirError, PretrainedWeightsError, OSError)
+    return (ConfigError, DatasetError, CorruptImageError, RunDirError, PretrainedWeightsError, OSError, ImportError)
 
 
 def torch_oom() -> type[BaseException]:

@@ -23,7 +23,7 @@ DATASETS = ("market1501", "dukemtmc_reid", "msmt17")
 BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet18", "resnet34")
 LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LOADERS = ("torch",)  # the DALI backend plugs in here (issue: GPU data pipeline)
+LOADERS = ("auto", "torch", "dali", "cache")
 METRICS = ("cosine", "euclidean", "sqeuclidean")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
@@ -47,7 +47,14 @@ class DataConfig:
     augmentation: bool = True  # flip, pad and random crop
     random_erasing: bool = True  # RandomErasingImageAugmentor; false gives BaseImageAugmentor
     padding: int = 10
-    loader: str = "torch"  # torch: the CPU reference pipeline in a torch DataLoader
+    # auto: on a GPU the decode-once cache when it fits gpu_cache_budget_gb, else DALI; on a CPU torch.
+    # torch: CPU reference pipeline in a DataLoader; dali: DALI (CPU operators without a GPU);
+    # cache: decode once into device memory, augment per step with torch ops
+    loader: str = "auto"
+    gpu_cache_budget_gb: float = 6.0  # MSMT17 at 384x128 takes 4.8 GB
+    dali_threads: int = 4
+    dali_prefetch: int = 2
+    dali_source_workers: int = 0  # > 0: DALI's parallel external source with that many processes
     num_workers: int = 2
     skip_corrupt: bool = False  # true: drop unreadable JPEGs with a warning instead of stopping
     verify_images: bool = True  # decode every image once at load time to find corrupt files early
@@ -238,6 +245,8 @@ def validate_config(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "eval.max_rank": cfg.eval.max_rank,
         "run.log_every": cfg.run.log_every,
+        "data.dali_threads": cfg.data.dali_threads,
+        "data.dali_prefetch": cfg.data.dali_prefetch,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
         "optim.lr_steady_epochs": cfg.optim.lr_steady_epochs,
@@ -249,6 +258,8 @@ def validate_config(cfg: Config) -> None:
         "optim.freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
         "optim.epochs": cfg.optim.epochs,
         "data.num_workers": cfg.data.num_workers,
+        "data.dali_source_workers": cfg.data.dali_source_workers,
+        "data.gpu_cache_budget_gb": cfg.data.gpu_cache_budget_gb,
         "data.padding": cfg.data.padding,
         "model.region_num": cfg.model.region_num,
         "data.testing_size": cfg.data.testing_size,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .datasets import published_counts_mismatch, read_dataset, select_testing_subset, split_validation
+from .pipelines.gpu_cache import DecodedCacheTrainLoader, choose_train_loader_kind
 from .pipelines.jpeg_store import load_jpeg_store
 from .pipelines.sampler import IdentitySampler
 from .pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader
@@ -43,21 +44,65 @@ def _load_store(records: tuple[ImageRecord, ...] | list[ImageRecord], what: str,
     return store, [records[i] for i in kept], kept
 
 
-def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool, env: DistEnv):
+def _device_id(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None  # DALI's CPU operators
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_loader_kind(requested: str, device: torch.device, num_images: int, height: int, width: int, budget_gb: float) -> str:
+    """``data.loader`` -> the backend to build: torch | dali | cache."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return "torch"
+        kind = choose_train_loader_kind(num_images, height, width, int(budget_gb * 2**30))
+        if kind == "dali" and not _dali_available():
+            log.warning("DALI is not installed (pip install nvidia-dali-cuda130): using the torch DataLoader")
+            return "torch"
+        return kind
+    if requested == "dali" and not _dali_available():
+        raise ImportError("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130")
+    return requested
+
+
+def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool, env: DistEnv, kind: str):
     start, stop = shard_range(len(records), env)  # contiguous shards: gathering restores the order
     store, records, _ = _load_store(list(records)[start:stop], what, cfg, progress)
-    return TorchEvalLoader(
-        store,
-        np.array([r.pid for r in records], dtype=np.int64),
-        np.array([r.camid for r in records], dtype=np.int64),
-        height=cfg.data.height,
-        width=cfg.data.width,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers,
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
+    args = (store, np.array([r.pid for r in records], dtype=np.int64), np.array([r.camid for r in records], dtype=np.int64))
+    common = dict(height=cfg.data.height, width=cfg.data.width, batch_size=cfg.eval.batch_size, device=device,
+                  dtype=dtype, channels_last=channels_last)
+    if kind == "dali":
+        from .pipelines.dali import DaliEvalLoader
+
+        return DaliEvalLoader(*args, **common, device_id=_device_id(device), num_threads=cfg.data.dali_threads,
+                              prefetch_queue_depth=cfg.data.dali_prefetch)
+    return TorchEvalLoader(*args, **common, num_workers=cfg.data.num_workers)
+
+
+def _train_loader(kind: str, store, labels, camids, sampler, cfg, *, rank, device, dtype, channels_last):
+    d = cfg.data
+    common = dict(
+        height=d.height, width=d.width, pad=d.padding if d.augmentation else 0,
+        flip_p=0.5 if d.augmentation else 0.0, erase_p=0.5 if d.random_erasing else 0.0,
+        seed=cfg.run.seed, rank=rank, device=device, dtype=dtype, channels_last=channels_last,
     )
+    if kind == "dali":
+        from .pipelines.dali import DaliTrainLoader
+
+        return DaliTrainLoader(store, labels, camids, sampler, **common, num_workers=d.dali_source_workers,
+                               device_id=_device_id(device), num_threads=d.dali_threads,
+                               prefetch_queue_depth=d.dali_prefetch)
+    if kind == "cache":
+        return DecodedCacheTrainLoader(store, labels, camids, sampler, **common, num_workers=d.num_workers)
+    return TorchTrainLoader(store, labels, camids, sampler, **common, num_workers=d.num_workers)
 
 
 def build_data(
@@ -83,6 +128,8 @@ def build_data(
     for note in published_counts_mismatch(dataset):
         log.info("note: %s", note)
     bundle = DataBundle(dataset, dataset.num_classes, None)
+    kind = resolve_loader_kind(d.loader, device, len(dataset.train), d.height, d.width, d.gpu_cache_budget_gb)
+    eval_kind = "dali" if kind in ("dali", "cache") and _dali_available() else "torch"
 
     train_records, train_labels = list(dataset.train), np.asarray(dataset.train_labels)
     if train and d.validation_size > 0:
@@ -91,8 +138,8 @@ def build_data(
         train_labels = np.asarray(train_labels)
         log.info("validation split: %d train images, %d valid query, %d valid gallery", len(train_records), len(vq), len(vg))
         bundle.eval_loaders["valid"] = (
-            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress, env),
-            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress, env),
+            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress, env, eval_kind),
+            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress, env, eval_kind),
         )
 
     if d.testing_size > 0:
@@ -100,8 +147,8 @@ def build_data(
         if d.testing_size != 1:
             log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(query), len(gallery))
         bundle.eval_loaders["test"] = (
-            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress, env),
-            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress, env),
+            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress, env, eval_kind),
+            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress, env, eval_kind),
         )
 
     if train:
@@ -116,21 +163,9 @@ def build_data(
             rank=rank,
             identity_balancing=d.identity_balancing,
         )
-        bundle.train_loader = TorchTrainLoader(
-            store,
-            labels,
-            np.array([r.camid for r in kept_records], dtype=np.int64),
-            sampler,
-            height=d.height,
-            width=d.width,
-            pad=d.padding if d.augmentation else 0,
-            flip_p=0.5 if d.augmentation else 0.0,
-            erase_p=0.5 if d.random_erasing else 0.0,
-            seed=cfg.run.seed,
-            rank=rank,
-            num_workers=d.num_workers,
-            device=device,
-            dtype=dtype,
-            channels_last=channels_last,
+        bundle.train_loader = _train_loader(
+            kind, store, labels, np.array([r.camid for r in kept_records], dtype=np.int64), sampler, cfg,
+            rank=rank, device=device, dtype=dtype, channels_last=channels_last,
         )
+        log.info("train loader: %s", kind)
     return bundle

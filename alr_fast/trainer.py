@@ -308,7 +308,10 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
         device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"
-    data = build_data(cfg, device=device, channels_last=channels_last, progress=cfg.run.progress and main, dist_env=env)
+    # loaders hand over images in the autocast dtype on a GPU (half the bytes of float32)
+    in_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+    data = build_data(cfg, device=device, dtype=in_dtype, channels_last=channels_last,
+                      progress=cfg.run.progress and main, dist_env=env)
     if not resume:
         if main:
             prepare_run_dir(run_path)

@@ -110,17 +110,20 @@ def test_kill_9_then_resume_continues_the_same_schedule(data_root, tmp_path):
     """A run killed with SIGKILL and resumed ends with exactly the losses of an uninterrupted run."""
     reference = tmp_path / "reference"
     assert _train(reference, data_root, "optim.epochs=3", "run.plots=false") == 0
-    killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.Popen(_cli("train", "--out", str(killed), f"data.root={data_root}", *TINY, "optim.epochs=3",
-                                 "run.plots=false"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed / "checkpoint.pt").is_file()
-    done = torch.load(killed / "checkpoint.pt", weights_only=False)["next_index"]
+    for attempt in range(3):  # on a heavily loaded machine the run may finish before the kill lands
+        killed = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen(_cli("train", "--out", str(killed), f"data.root={data_root}", *TINY, "optim.epochs=3",
+                                     "run.plots=false"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (killed / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert (killed / "checkpoint.pt").is_file()
+        done = torch.load(killed / "checkpoint.pt", weights_only=False)["next_index"]
+        if done < 4:
+            break
     assert 1 <= done < 4, "the kill should land before the last epoch"
     assert main(["train", "--resume", str(killed), "run.progress=false"]) == 0
     ref_losses = JsonlLog(reference / "losses.jsonl").read()
@@ -187,3 +190,19 @@ def test_validation_split_is_evaluated(data_root, tmp_path):
     valid = [m for m in metrics if m["split"] == "valid"]
     assert [m["epoch"] for m in valid] == [1, 2]
     assert all(0 <= m["mAP"] <= 1 and m["num_query"] > 0 and m["num_gallery"] > 0 for m in valid)
+
+
+@pytest.mark.parametrize("loader", ["dali", "cache"])
+def test_other_loader_backends_train_on_the_cpu(data_root, tmp_path, loader):
+    """DALI (CPU operators) and the decode-once cache plug into the same loop; their first
+    epoch's losses equal the torch loader's (same sampler stream, same augmentation params)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    runs = {}
+    for kind in ("torch", loader):
+        run = tmp_path / kind
+        assert _train(run, data_root, f"data.loader={kind}", "optim.epochs=1", "run.plots=false") == 0
+        runs[kind] = JsonlLog(run / "losses.jsonl").read()
+    first, other = runs["torch"][0], runs[loader][0]
+    tol = 5e-3 if loader == "dali" else 1e-6  # DALI's resize differs by at most 1 grey level
+    assert other["total"] == pytest.approx(first["total"], rel=tol)
