@@ -69,6 +69,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by te
 from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, draw_augment_params
 from .jpeg_store import CorruptImageError, JpegStore, find_jpeg_problem
 from .sampler import IdentitySampler
+from .torch_loader import _int64_column
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -251,12 +252,6 @@ def py_start_method(device_id: int | None) -> str:
 def _default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
-
-def _int64_column(values, n: int, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.int64)
-    if array.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match the store, got {array.shape}")
-    return array
 
 
 def _to_images(out: torch.Tensor, channels_last: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -42,6 +42,7 @@ from alr_fast.pipelines.gpu_cache import DecodedCacheTrainLoader  # noqa: E402
 from alr_fast.pipelines.jpeg_store import CorruptImageError, load_jpeg_store  # noqa: E402
 from alr_fast.pipelines.sampler import IdentitySampler  # noqa: E402
 from alr_fast.pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader, decode_store  # noqa: E402
+from loader_helpers import assert_same_epochs, run_epochs
 
 pytestmark = pytest.mark.dali
 
@@ -94,17 +95,6 @@ def make_train(cls, dataset, **kw):
     return cls(store, labels, camids, sampler, height=H, width=W, seed=SEED, **kw)
 
 
-def run_epochs(loader, n):
-    return [[tuple(t.clone() for t in batch) for batch in loader] for _ in range(n)]
-
-
-def assert_same_epochs(a, b):
-    assert len(a) == len(b)
-    for epoch_a, epoch_b in zip(a, b):
-        assert len(epoch_a) == len(epoch_b)
-        for batch_a, batch_b in zip(epoch_a, epoch_b):
-            for x, y in zip(batch_a, batch_b):
-                assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 def assert_within_one_grey_level(got: torch.Tensor, expected: torch.Tensor, atol: float = 1.0) -> None:

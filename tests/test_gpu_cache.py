@@ -28,6 +28,7 @@ from alr_fast.pipelines.gpu_cache import (
 from alr_fast.pipelines.jpeg_store import load_jpeg_store
 from alr_fast.pipelines.sampler import IdentitySampler
 from alr_fast.pipelines.torch_loader import TorchTrainLoader, decode_store
+from loader_helpers import assert_same_epochs, run_epochs
 
 H, W = 32, 16
 P, K, STEPS, SEED = 3, 2, 4, 17
@@ -137,17 +138,6 @@ def make_loader(cls, dataset, **kw):
     return cls(store, labels, camids, sampler, height=H, width=W, seed=SEED, **kw)
 
 
-def run_epochs(loader, n):
-    return [[tuple(t.clone() for t in batch) for batch in loader] for _ in range(n)]
-
-
-def assert_same_epochs(a, b):
-    assert len(a) == len(b)
-    for epoch_a, epoch_b in zip(a, b):
-        assert len(epoch_a) == len(epoch_b) == STEPS
-        for batch_a, batch_b in zip(epoch_a, epoch_b):
-            for x, y in zip(batch_a, batch_b):
-                assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 def test_cache_loader_equals_torch_loader(dataset):

@@ -11,6 +11,7 @@ from alr_fast.pipelines.augment import AugmentParams, augment_batch, decode_resi
 from alr_fast.pipelines.jpeg_store import CorruptImageError, JpegStore, load_jpeg_store
 from alr_fast.pipelines.sampler import IdentitySampler
 from alr_fast.pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader, decode_store
+from loader_helpers import assert_same_epochs, run_epochs
 
 H, W = 32, 16
 
@@ -125,17 +126,6 @@ def make_train_loader(dataset, **kw):
     return TorchTrainLoader(store, labels, camids, sampler, height=H, width=W, seed=SEED, **kw)
 
 
-def run_epochs(loader, n):
-    return [[tuple(t.clone() for t in batch) for batch in loader] for _ in range(n)]
-
-
-def assert_same_epochs(a, b):
-    assert len(a) == len(b)
-    for epoch_a, epoch_b in zip(a, b):
-        assert len(epoch_a) == len(epoch_b)
-        for batch_a, batch_b in zip(epoch_a, epoch_b):
-            for x, y in zip(batch_a, batch_b):
-                assert torch.equal(x, y)
 
 
 def test_train_loader_batches_follow_sampler_and_params(dataset):

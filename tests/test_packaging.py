@@ -30,6 +30,8 @@ def test_non_editable_install_keeps_folders_inside_the_namespace(tmp_path):
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     assert site != Path(sysconfig.get_paths()["purelib"])
+    cu = sorted(p.name for p in (site / "alr_fast" / "kernels").glob("*.cu"))
+    assert cu == sorted(p.name for p in (ROOT / "kernels").glob("*.cu")) and cu, cu  # kernel sources ship
     for bare in ("kernels", "pipelines", "bench", "configs"):
         assert not (site / bare).exists(), f"a bare top-level '{bare}' was installed"
     probe = (
