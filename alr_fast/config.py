@@ -123,6 +123,7 @@ class EvalConfig:
     lambda_value: float = 0.3
     batch_size: int = 64
     max_rank: int = 50
+    memory_budget_gb: float = 2.0  # scratch memory of the GPU evaluation kernels beyond inputs and outputs
     save_features: bool = False
 
 
@@ -260,6 +261,7 @@ def validate_config(cfg: Config) -> None:
         "data.num_workers": cfg.data.num_workers,
         "data.dali_source_workers": cfg.data.dali_source_workers,
         "data.gpu_cache_budget_gb": cfg.data.gpu_cache_budget_gb,
+        "eval.memory_budget_gb": cfg.eval.memory_budget_gb,
         "data.padding": cfg.data.padding,
         "model.region_num": cfg.model.region_num,
         "data.testing_size": cfg.data.testing_size,

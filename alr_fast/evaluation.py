@@ -75,24 +75,40 @@ def evaluate_features(
     k2: int = 6,
     lambda_value: float = 0.3,
     max_rank: int = 50,
+    memory_budget_bytes: int | None = None,
 ) -> dict:
     """mAP and CMC of ``query`` against ``gallery``; with ``re_ranking`` also the k-reciprocal ones
     (keys prefixed ``rr_``). ``cmc`` (and ``rr_cmc``) hold the whole curve up to ``max_rank``."""
-    qg = kernels.compute_distmat(query.features, gallery.features, metric=metric)
-    cmc, mAP = kernels.evaluate_ranking(qg, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank)
+    budget = dict(memory_budget_bytes=memory_budget_bytes)
+    qg = kernels.compute_distmat(query.features, gallery.features, metric=metric, **budget)
+    cmc, mAP = kernels.evaluate_ranking(qg, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank, **budget)
     out: dict = ranking_metrics(cmc, mAP)
     out["cmc"] = [float(v) for v in cmc]
     out["num_query"], out["num_gallery"] = int(len(query.pids)), int(len(gallery.pids))
     if re_ranking:
-        qq = kernels.compute_distmat(query.features, query.features, metric=metric)
-        gg = kernels.compute_distmat(gallery.features, gallery.features, metric=metric)
-        rr = kernels.rerank_k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value)
+        qq = kernels.compute_distmat(query.features, query.features, metric=metric, **budget)
+        gg = kernels.compute_distmat(gallery.features, gallery.features, metric=metric, **budget)
+        rr = kernels.rerank_k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value, **budget)
         cmc_rr, mAP_rr = kernels.evaluate_ranking(
-            rr, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank
+            rr, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank, **budget
         )
         out.update(ranking_metrics(cmc_rr, mAP_rr, prefix="rr_"))
         out["rr_cmc"] = [float(v) for v in cmc_rr]
+        del qq, gg, rr
+    del qg
+    _release_cupy_pool(query.features)
     return out
+
+
+def _release_cupy_pool(features: torch.Tensor) -> None:
+    """CuPy keeps freed blocks in its own pool, out of torch's reach: hand them back after an
+    evaluation so training does not run short of memory."""
+    if features.is_cuda:
+        try:
+            import cupy
+        except ImportError:
+            return
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def format_metrics(m: dict) -> str:

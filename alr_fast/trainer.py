@@ -201,6 +201,7 @@ def evaluate_splits(
         metrics = evaluate_features(
             q, g, metric=cfg.eval.metric, re_ranking=cfg.eval.re_ranking,
             k1=cfg.eval.k1, k2=cfg.eval.k2, lambda_value=cfg.eval.lambda_value, max_rank=cfg.eval.max_rank,
+            memory_budget_bytes=int(cfg.eval.memory_budget_gb * 2**30),
         ) if env.is_main else {}
         out[split] = (metrics, (q, g))
     return out
