@@ -6,6 +6,8 @@ the offending shape and dtype.
 """
 from __future__ import annotations
 
+import warnings
+
 import numbers
 
 import numpy as np
@@ -66,3 +68,23 @@ def check_unit_interval(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
     return float(value)
+
+
+def check_ranking_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank) -> int:
+    """Shared checks of ``evaluate_ranking`` on both paths; returns the usable max_rank
+    (the gallery size when it is smaller, with the torchreid warning)."""
+    check_matrix("distmat", distmat)
+    num_q, num_g = distmat.shape
+    check_labels("q_pids", q_pids, num_q, f"distmat has {num_q} rows")
+    check_labels("g_pids", g_pids, num_g, f"distmat has {num_g} columns")
+    check_labels("q_camids", q_camids, num_q, f"distmat has {num_q} rows")
+    check_labels("g_camids", g_camids, num_g, f"distmat has {num_g} columns")
+    max_rank = check_positive_int("max_rank", max_rank)
+    if num_g < max_rank:
+        warnings.warn(
+            f"number of gallery samples is quite small ({num_g}); CMC is computed up to rank "
+            f"{num_g} instead of {max_rank}",
+            stacklevel=4,  # the caller of the public alr_fast.kernels function
+        )
+        max_rank = num_g
+    return max_rank

@@ -674,19 +674,8 @@ def evaluate_ranking(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int 
     check.check_matrix("distmat", distmat)
     num_q, num_g = distmat.shape
     q_pids, g_pids, q_camids, g_camids = (xp.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
-    check.check_labels("q_pids", q_pids, num_q, f"distmat has {num_q} rows")
-    check.check_labels("g_pids", g_pids, num_g, f"distmat has {num_g} columns")
-    check.check_labels("q_camids", q_camids, num_q, f"distmat has {num_q} rows")
-    check.check_labels("g_camids", g_camids, num_g, f"distmat has {num_g} columns")
-    max_rank = check.check_positive_int("max_rank", max_rank)
+    max_rank = check.check_ranking_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     budget = _check_budget(memory_budget_bytes)
-    if num_g < max_rank:
-        warnings.warn(
-            f"number of gallery samples is quite small ({num_g}); CMC is computed up to rank "
-            f"{num_g} instead of {max_rank}",
-            stacklevel=3,  # the caller of the public alr_fast.kernels function
-        )
-        max_rank = num_g
 
     q_code, g_code, n_codes = _label_codes(xp, q_pids, g_pids)
     q_cam, g_cam, _ = _label_codes(xp, q_camids, g_camids)

@@ -159,18 +159,7 @@ def evaluate_ranking(
     num_q, num_g = distmat.shape
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-    check.check_labels("q_pids", q_pids, num_q, f"distmat has {num_q} rows")
-    check.check_labels("g_pids", g_pids, num_g, f"distmat has {num_g} columns")
-    check.check_labels("q_camids", q_camids, num_q, f"distmat has {num_q} rows")
-    check.check_labels("g_camids", g_camids, num_g, f"distmat has {num_g} columns")
-    max_rank = check.check_positive_int("max_rank", max_rank)
-    if num_g < max_rank:
-        warnings.warn(
-            f"number of gallery samples is quite small ({num_g}); CMC is computed up to rank "
-            f"{num_g} instead of {max_rank}",
-            stacklevel=3,  # the caller of the public alr_fast.kernels function
-        )
-        max_rank = num_g
+    max_rank = check.check_ranking_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     distmat = distmat.astype(np.float32, copy=False)
 
     first_rank_hist = np.zeros(num_g + 1, dtype=np.int64)  # index 0 counts invalid queries
