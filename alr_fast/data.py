@@ -129,7 +129,8 @@ def build_data(
         log.info("note: %s", note)
     bundle = DataBundle(dataset, dataset.num_classes, None)
     kind = resolve_loader_kind(d.loader, device, len(dataset.train), d.height, d.width, d.gpu_cache_budget_gb)
-    eval_kind = "dali" if kind in ("dali", "cache") and _dali_available() else "torch"
+    # evaluation decodes with DALI when training does, or next to the cache on a GPU
+    eval_kind = "dali" if kind == "dali" or (kind == "cache" and device.type == "cuda" and _dali_available()) else "torch"
 
     train_records, train_labels = list(dataset.train), np.asarray(dataset.train_labels)
     if train and d.validation_size > 0:
