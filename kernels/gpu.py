@@ -76,7 +76,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import warnings
 from typing import Any, Callable
 
 import numpy as np

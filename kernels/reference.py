@@ -55,7 +55,6 @@ All arrays are row-major: queries are rows, gallery items are columns.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 

@@ -66,9 +66,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by te
         "(or pip install 'alr-fast[dali]')"
     ) from exc
 
-from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, draw_augment_params
+from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD
 from .jpeg_store import CorruptImageError, JpegStore, find_jpeg_problem
 from .sampler import IdentitySampler
+from .stream import TrainStream
 from .torch_loader import _int64_column
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -177,12 +178,9 @@ class _TrainSource:
     as they were when this object was made; each copy (main thread or worker) replays them.
     """
 
-    def __init__(self, blob, offsets, labels, camids, sampler: IdentitySampler, rng_state: dict, aug: dict) -> None:
+    def __init__(self, blob, offsets, labels, camids, stream: TrainStream) -> None:
         self.blob, self.offsets, self.labels, self.camids = blob, offsets, labels, camids
-        self.sampler = sampler
-        self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = rng_state
-        self.aug = aug
+        self.stream = stream
         self.epoch = -1
         self.indices = self.params = None
 
@@ -190,8 +188,7 @@ class _TrainSource:
         if info.epoch_idx < self.epoch:
             raise RuntimeError(f"epoch {info.epoch_idx} requested after epoch {self.epoch}")
         while self.epoch < info.epoch_idx:
-            self.indices = self.sampler.next_epoch()
-            self.params = draw_augment_params(self.rng, len(self.indices), **self.aug).to_array()
+            self.indices, self.params = self.stream.next_epoch()
             self.epoch += 1
         i = info.idx_in_epoch
         if i >= len(self.indices):
@@ -321,13 +318,10 @@ class DaliTrainLoader:
         self._camids = _int64_column(camids, len(store), "camids")
         self._blob, self._offsets = pack_store(store)
         self._max_jpeg = int(np.diff(self._offsets).max(initial=0))
-        self._rng = np.random.default_rng([int(seed), int(rank), 1])
+        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
+                                  flip_p=flip_p, erase_p=erase_p)
         self._iterator: DALIGenericIterator | None = None
         self._in_sync = False  # True when the pipeline's next epoch is this loader's next epoch
-
-    @property
-    def _aug(self) -> dict:
-        return dict(height=self.height, width=self.width, pad=self.pad, flip_p=self.flip_p, erase_p=self.erase_p)
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -336,8 +330,7 @@ class DaliTrainLoader:
         """A new pipeline whose epoch 0 is the epoch the sampler and generator draw next."""
         self._iterator = None  # drop the old pipeline (and its workers) first
         source = _TrainSource(
-            self._blob, self._offsets, self._labels, self._camids,
-            copy.deepcopy(self.sampler), self._rng.bit_generator.state, self._aug,
+            self._blob, self._offsets, self._labels, self._camids, copy.deepcopy(self.stream)
         )
         parallel = self.num_workers > 0
         pipe = train_pipeline(
@@ -368,8 +361,7 @@ class DaliTrainLoader:
             self._build()
         self._in_sync = False
         # the loader's own streams advance now, so state_dict() right after iter() covers this epoch
-        indices = self.sampler.next_epoch()
-        draw_augment_params(self._rng, len(indices), **self._aug)
+        self.stream.next_epoch()
         return self._epoch(self._iterator)
 
     def _epoch(self, iterator: DALIGenericIterator) -> Iterator[Batch]:
@@ -392,11 +384,10 @@ class DaliTrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler and augmentation streams, in ``TorchTrainLoader``'s format (checkpoints interchange)."""
-        return {"sampler": self.sampler.state_dict(), "augment_rng": self._rng.bit_generator.state}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self._rng.bit_generator.state = state["augment_rng"]
+        self.stream.load_state_dict(state)
         self._in_sync = False
 
 

@@ -31,9 +31,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, draw_augment_params, normalize
+from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, normalize
 from .jpeg_store import JpegStore
 from .sampler import IdentitySampler
+from .stream import TrainStream
 from .torch_loader import _int64_column, decode_store
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -176,7 +177,8 @@ class DecodedCacheTrainLoader:
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self._labels = _int64_column(labels, n, "labels")
         self._camids = _int64_column(camids, n, "camids")
-        self._rng = np.random.default_rng([int(seed), int(rank), 1])
+        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
+                                  flip_p=flip_p, erase_p=erase_p)
         self.cache = build_decoded_cache(
             store, height, width, device=self.device, decoder=decoder, num_threads=num_workers or None
         )
@@ -194,10 +196,7 @@ class DecodedCacheTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         # drawn eagerly, so state_dict() right after iter() already covers this epoch
-        indices = self.sampler.next_epoch()
-        params = draw_augment_params(
-            self._rng, len(indices), self.height, self.width, pad=self.pad, flip_p=self.flip_p, erase_p=self.erase_p
-        ).to_array()
+        indices, params = self.stream.next_epoch()
         # one host-to-device copy per epoch: [index, 7 params, label, camid] per sample
         plan = np.concatenate(
             [indices[:, None], params.astype(np.int64), self._labels[indices, None], self._camids[indices, None]], axis=1
@@ -221,9 +220,8 @@ class DecodedCacheTrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler and augmentation streams, in ``TorchTrainLoader``'s format (checkpoints interchange)."""
-        return {"sampler": self.sampler.state_dict(), "augment_rng": self._rng.bit_generator.state}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self._rng.bit_generator.state = state["augment_rng"]
+        self.stream.load_state_dict(state)
 

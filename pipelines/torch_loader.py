@@ -26,11 +26,11 @@ from .augment import (
     AugmentParams,
     augment_batch,
     decode_resize,
-    draw_augment_params,
     normalize,
 )
 from .jpeg_store import JpegStore
 from .sampler import IdentitySampler
+from .stream import TrainStream
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -167,7 +167,8 @@ class TorchTrainLoader:
             raise ValueError(f"the sampler indexes {sampler.num_images} images but the store holds {len(store)}")
         self.sampler, self.height, self.width, self.pad = sampler, height, width, pad
         self.flip_p, self.erase_p = flip_p, erase_p
-        self._rng = np.random.default_rng([int(seed), int(rank), 1])
+        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
+                                  flip_p=flip_p, erase_p=erase_p)
         self._finish = _DeviceFinisher(device, dtype, channels_last)
         cache = decode_store(store, height, width) if decoded_cache else None
         dataset = _TrainBatches(
@@ -187,21 +188,17 @@ class TorchTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         # drawn eagerly, so state_dict() right after iter() already covers this epoch
-        indices = self.sampler.next_epoch()
-        params = draw_augment_params(
-            self._rng, len(indices), self.height, self.width, pad=self.pad, flip_p=self.flip_p, erase_p=self.erase_p
-        ).to_array()
+        indices, params = self.stream.next_epoch()
         B = self.sampler.batch_size
         self._plan.keys = [(indices[i : i + B], params[i : i + B]) for i in range(0, len(indices), B)]
         return (self._finish(batch) for batch in self._loader)
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler and augmentation streams; saved at an epoch end, loading it replays the next epoch."""
-        return {"sampler": self.sampler.state_dict(), "augment_rng": self._rng.bit_generator.state}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self._rng.bit_generator.state = state["augment_rng"]
+        self.stream.load_state_dict(state)
 
 
 class TorchEvalLoader:
