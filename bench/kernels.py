@@ -321,7 +321,9 @@ def device_slug(name: str) -> str:
 
 def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{device_slug(report['device'])}-{report['date'][:10]}"
+    # date and time, as the other benchmarks do: a second run the same day must not overwrite the first
+    stamp = report["date"].replace("-", "").replace(":", "").replace("T", "-")
+    stem = f"kernels-{device_slug(report['device'])}-{stamp}"
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     plot_results(report, png_path)

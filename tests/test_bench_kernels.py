@@ -86,5 +86,5 @@ def test_gpu_branch_rows_validate_and_merge(tmp_path):
     assert ranking["speedup_vs_reference"] == pytest.approx(ranking["ref_extrapolated_s"] / ranking["gpu_s"])
     report = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-02T03:04:05", "results": merged}
     json_path, png_path = bench.write_results(report, tmp_path)
-    assert json_path.name == "kernels-nvidia-h100-80gb-hbm3-2026-01-02.json" and png_path.exists()
+    assert json_path.name == "kernels-nvidia-h100-80gb-hbm3-20260102-030405.json" and png_path.exists()
     assert json.loads(json_path.read_text())["results"][0]["scale"] == "smoke"
