@@ -80,3 +80,27 @@ def test_cuda_graph_step_gives_the_eager_losses():
         return losses
 
     assert run("reduce-overhead") == pytest.approx(run("none"), rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_tracks_fp32(precision):
+    """Autocast (bf16; fp16 with the gradient scaler) gives step-0 losses near fp32's and finite
+    updates; the penalty stays float32 (computed outside autocast)."""
+    def first_losses(prec):
+        torch.manual_seed(0)
+        net = ReidNet(4, "resnet18")
+        task = ReidTask(net, AdaptiveL2(net, FACTORS))
+        opt = build_optimizer(task, type("O", (), dict(lr_base=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-7))(),
+                              torch.device("cpu"))
+        trainer = Trainer(task, opt, device=torch.device("cpu"), precision=prec)
+        task.train()
+        g = torch.Generator().manual_seed(0)
+        batch = (torch.randn(8, 3, 64, 32, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), None)
+        out = [trainer.train_step(batch) for _ in range(2)]
+        assert all(torch.isfinite(p).all() for p in task.parameters())
+        return out[0]
+
+    ref, got = first_losses("fp32"), first_losses(precision)
+    assert got["regularization"].dtype == torch.float32
+    assert float(got["regularization"]) == pytest.approx(float(ref["regularization"]), rel=1e-6)
+    assert float(got["total"]) == pytest.approx(float(ref["total"]), rel=2e-2)
