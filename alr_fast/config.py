@@ -347,13 +347,92 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+KEY_HELP = {
+    "data.dataset": "market1501 | dukemtmc_reid | msmt17",
+    "data.root": "folder holding Market-1501-v15.09.15/, DukeMTMC-reID/ or MSMT17_V2/",
+    "data.height": "input height (cv2-style bilinear resize)",
+    "data.width": "input width",
+    "data.identities_per_batch": "P of the P x K sampler (per process)",
+    "data.images_per_identity": "K of the P x K sampler",
+    "data.steps_per_epoch": "batches per epoch, whatever the dataset size",
+    "data.identity_balancing": "each identity gives at most one K-chunk per sampler pass",
+    "data.augmentation": "flip, pad and random crop in training",
+    "data.random_erasing": "random erasing (p 0.5, 100 attempts, fill 125,122,113)",
+    "data.padding": "zero padding on each side before the random crop",
+    "data.loader": "auto | torch | dali | cache (see README: Data loaders)",
+    "data.gpu_cache_budget_gb": "auto picks the decode-once device cache when it fits this",
+    "data.dali_threads": "DALI CPU threads",
+    "data.dali_prefetch": "DALI prefetch queue depth",
+    "data.dali_source_workers": "> 0: DALI parallel external source processes",
+    "data.num_workers": "DataLoader workers (torch loader) / decoding threads (cache)",
+    "data.skip_corrupt": "drop unreadable JPEGs with a warning instead of stopping",
+    "data.verify_images": "decode every image once at load time to find corrupt files",
+    "data.testing_size": "1 full test set, 0 none, (0,1) fraction of test ids, >1 number of ids",
+    "data.validation_size": "0 none; fraction or count of training images held out for validation",
+    "model.backbone": "resnet50 | resnet101 | resnet152 (resnet18/34 for CPU demos)",
+    "model.pretrained": "none | imagenet | PATH (torchvision state dict or alr-fast checkpoint)",
+    "model.region_num": "horizontal stripes of the regional branch (0 disables it)",
+    "model.last_stride": "stride of layer4 (1: the last-stride-1 trick)",
+    "model.clip_min": "lower clip of every GAP feature",
+    "model.clip_max": "upper clip of every GAP feature",
+    "model.neck_eps": "epsilon of the BN necks",
+    "model.bn_momentum": "BN momentum in PyTorch's convention (Keras 0.99 -> 0.01)",
+    "regularizer.adaptive": "true: A*hs(theta)*sum(W^2); false: constant L2 A*sum(W^2)",
+    "regularizer.kernel_factor": "A for conv/linear kernels (negative: not regularized)",
+    "regularizer.bias_factor": "A for conv biases",
+    "regularizer.gamma_factor": "A for BN gamma",
+    "regularizer.beta_factor": "A for BN beta",
+    "regularizer.implementation": "fused (one multi-tensor norm) | reference (per-tensor loop)",
+    "optim.freeze_backbone_epochs": "phase A: epochs with the ResNet frozen (BN in eval mode)",
+    "optim.epochs": "phase B epochs",
+    "optim.lr_mode": "default | constant | linear | cosine | warmup",
+    "optim.lr_start": "start LR of constant/linear/cosine/warmup",
+    "optim.lr_end": "end LR of constant/linear/cosine/warmup",
+    "optim.lr_base": "peak LR of the default mode",
+    "optim.lr_warmup_epochs": "linear warm-up epochs (restarts each phase)",
+    "optim.lr_steady_epochs": "epochs per step of the step decay",
+    "optim.lr_drop_factor": "step-decay divisor (0: derived)",
+    "optim.lr_lower_bound": "warm-up start and floor of every mode",
+    "optim.adam_eps": "Adam epsilon (Keras default 1e-7)",
+    "optim.adam_beta1": "Adam beta1",
+    "optim.adam_beta2": "Adam beta2",
+    "optim.tf_adam_step": "parameters unfrozen in phase B start at the global Adam step (TF)",
+    "optim.label_smoothing": "label smoothing of the identity loss",
+    "eval.every_epochs": "test evaluation every N epochs within each phase (and at the end)",
+    "eval.validation_every_epochs": "validation evaluation every N epochs",
+    "eval.flip": "average features with the horizontally flipped image's",
+    "eval.metric": "cosine | euclidean | sqeuclidean",
+    "eval.re_ranking": "also report k-reciprocal re-ranked metrics",
+    "eval.k1": "re-ranking k1",
+    "eval.k2": "re-ranking k2 (query expansion)",
+    "eval.lambda_value": "re-ranking weight of the original distance",
+    "eval.batch_size": "feature-extraction batch size",
+    "eval.max_rank": "length of the CMC curve",
+    "eval.memory_budget_gb": "scratch memory of the GPU evaluation kernels",
+    "eval.save_features": "alr-fast evaluate also writes the features (.npz)",
+    "run.out_dir": "run directory (never overwritten); empty: runs/<dataset>_<H>x<W>/<backbone>_<P>_<K>",
+    "run.seed": "seed of model init, sampler and augmentation (per rank)",
+    "run.device": "auto | cpu | cuda | cuda:N",
+    "run.precision": "auto (bf16 on a GPU, fp32 on a CPU) | bf16 | fp16 | fp32",
+    "run.channels_last": "channels_last memory format on a GPU",
+    "run.log_every": "steps between loss reads (the loop's only host syncs)",
+    "run.checkpoint_every": "epochs between checkpoints",
+    "run.progress": "progress bars",
+    "run.plots": "write plots into RUN/plots",
+    "run.compile": "none | default | reduce-overhead (CUDA graphs) | max-autotune",
+    "run.profile_steps": "> 0: torch.profiler trace of that many steps",
+    "run.nvtx": "NVTX ranges around data, forward, backward, regularizer, optimizer, evaluation",
+}
+
+
 def describe_keys() -> str:
-    """One line per key with its default, for ``--help``."""
+    """One line per key with its default and what it does, for ``--help``."""
     lines = []
     defaults = config_to_dict(Config())
     for section, values in defaults.items():
         for key, value in values.items():
-            lines.append(f"  {section}.{key}={value!r}")
+            name = f"{section}.{key}={value!r}"
+            lines.append(f"  {name:<40} {KEY_HELP.get(f'{section}.{key}', '')}".rstrip())
     return "\n".join(lines)
 
 

@@ -94,3 +94,10 @@ def test_recipes_are_the_seed_defaults(dataset, backbone):
 def test_quickstart_recipe_loads():
     c = load_config("quickstart")
     assert c.model.pretrained == "none" and c.data.dataset == "market1501"
+
+
+def test_every_key_is_explained_in_help():
+    from alr_fast.config import KEY_HELP
+
+    keys = {f"{s}.{k}" for s, v in config_to_dict(Config()).items() for k in v}
+    assert keys == set(KEY_HELP), sorted(keys ^ set(KEY_HELP))
