@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
@@ -42,7 +41,7 @@ from alr_fast.pipelines.gpu_cache import DecodedCacheTrainLoader  # noqa: E402
 from alr_fast.pipelines.jpeg_store import CorruptImageError, load_jpeg_store  # noqa: E402
 from alr_fast.pipelines.sampler import IdentitySampler  # noqa: E402
 from alr_fast.pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader, decode_store  # noqa: E402
-from loader_helpers import assert_same_epochs, run_epochs
+from loader_helpers import assert_same_epochs, jpeg_bytes, run_epochs, write_files
 
 pytestmark = pytest.mark.dali
 
@@ -57,21 +56,8 @@ def grey_levels(images: torch.Tensor) -> torch.Tensor:
     return images.float().cpu() * (255 * STD) + 255 * MEAN
 
 
-def jpeg_bytes(rng: np.random.Generator, h: int, w: int, mode: str = "RGB") -> bytes:
-    coarse = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR).convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
-def write_files(folder, blobs):
-    paths = []
-    for i, blob in enumerate(blobs):
-        path = folder / f"img_{i:03d}.jpg"
-        path.write_bytes(blob)
-        paths.append(str(path))
-    return paths
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from alr_fast.pipelines.augment import (
     ERASE_FILL,
@@ -28,7 +27,7 @@ from alr_fast.pipelines.gpu_cache import (
 from alr_fast.pipelines.jpeg_store import load_jpeg_store
 from alr_fast.pipelines.sampler import IdentitySampler
 from alr_fast.pipelines.torch_loader import TorchTrainLoader, decode_store
-from loader_helpers import assert_same_epochs, run_epochs
+from loader_helpers import assert_same_epochs, jpeg_bytes, run_epochs
 
 H, W = 32, 16
 P, K, STEPS, SEED = 3, 2, 4, 17
@@ -107,12 +106,6 @@ def test_cache_bytes_and_choice():
 # ----------------------------------------------------------------------------- the loader
 
 
-def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
-    coarse = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,13 @@ from alr_fast.pipelines.augment import AugmentParams, augment_batch, decode_resi
 from alr_fast.pipelines.jpeg_store import CorruptImageError, JpegStore, load_jpeg_store
 from alr_fast.pipelines.sampler import IdentitySampler
 from alr_fast.pipelines.torch_loader import TorchEvalLoader, TorchTrainLoader, decode_store
-from loader_helpers import assert_same_epochs, run_epochs
+from loader_helpers import assert_same_epochs, jpeg_bytes, run_epochs, write_files
 
 H, W = 32, 16
 
 
-def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
-    coarse = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
-def write_files(folder, blobs: list[bytes], suffix=".jpg") -> list[str]:
-    paths = []
-    for i, blob in enumerate(blobs):
-        path = folder / f"img_{i:03d}{suffix}"
-        path.write_bytes(blob)
-        paths.append(str(path))
-    return paths
 
 
 # ----------------------------------------------------------------------------- JPEG store
