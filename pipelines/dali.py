@@ -301,8 +301,8 @@ class DaliTrainLoader:
         num_threads: int | None = None,
         prefetch_queue_depth: int = 2,
     ) -> None:
-        if sampler.num_images != len(store):
-            raise ValueError(f"the sampler indexes {sampler.num_images} images but the store holds {len(store)}")
+        self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
+                                  pad=pad, flip_p=flip_p, erase_p=erase_p)
         if num_workers < 0 or prefetch_queue_depth < 1:
             raise ValueError(
                 f"num_workers must be >= 0 and prefetch_queue_depth >= 1, got {num_workers}, {prefetch_queue_depth}"
@@ -318,8 +318,6 @@ class DaliTrainLoader:
         self._camids = _int64_column(camids, len(store), "camids")
         self._blob, self._offsets = pack_store(store)
         self._max_jpeg = int(np.diff(self._offsets).max(initial=0))
-        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
-                                  flip_p=flip_p, erase_p=erase_p)
         self._iterator: DALIGenericIterator | None = None
         self._in_sync = False  # True when the pipeline's next epoch is this loader's next epoch
 

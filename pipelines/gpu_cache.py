@@ -169,16 +169,14 @@ class DecodedCacheTrainLoader:
         channels_last: bool = False,
         decoder: str = "auto",
     ) -> None:
-        if sampler.num_images != len(store):
-            raise ValueError(f"the sampler indexes {sampler.num_images} images but the store holds {len(store)}")
+        self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
+                                  pad=pad, flip_p=flip_p, erase_p=erase_p)
         n = len(store)
         self.sampler, self.height, self.width, self.pad = sampler, height, width, pad
         self.flip_p, self.erase_p = flip_p, erase_p
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self._labels = _int64_column(labels, n, "labels")
         self._camids = _int64_column(camids, n, "camids")
-        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
-                                  flip_p=flip_p, erase_p=erase_p)
         self.cache = build_decoded_cache(
             store, height, width, device=self.device, decoder=decoder, num_threads=num_workers or None
         )

@@ -15,12 +15,14 @@ from .sampler import IdentitySampler
 
 
 class TrainStream:
-    """Epochs of ``(indices int64 [steps*P*K], params int32 [steps*P*K, 7])``."""
+    """Epochs of ``(indices int64 [steps*P*K], params int32 [steps*P*K, 7])`` over a store of
+    ``num_images`` images (checked against the sampler)."""
 
     def __init__(
         self,
         sampler: IdentitySampler,
         *,
+        num_images: int,
         seed: int,
         rank: int = 0,
         height: int,
@@ -29,6 +31,8 @@ class TrainStream:
         flip_p: float = 0.5,
         erase_p: float = 0.5,
     ) -> None:
+        if sampler.num_images != num_images:
+            raise ValueError(f"the sampler indexes {sampler.num_images} images but the store holds {num_images}")
         self.sampler = sampler
         self.rng = np.random.default_rng([int(seed), int(rank), 1])
         self.augment = dict(height=height, width=width, pad=pad, flip_p=flip_p, erase_p=erase_p)

@@ -163,12 +163,10 @@ class TorchTrainLoader:
         channels_last: bool = False,
         decoded_cache: bool = True,
     ) -> None:
-        if sampler.num_images != len(store):
-            raise ValueError(f"the sampler indexes {sampler.num_images} images but the store holds {len(store)}")
+        self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
+                                  pad=pad, flip_p=flip_p, erase_p=erase_p)
         self.sampler, self.height, self.width, self.pad = sampler, height, width, pad
         self.flip_p, self.erase_p = flip_p, erase_p
-        self.stream = TrainStream(sampler, seed=seed, rank=rank, height=height, width=width, pad=pad,
-                                  flip_p=flip_p, erase_p=erase_p)
         self._finish = _DeviceFinisher(device, dtype, channels_last)
         cache = decode_store(store, height, width) if decoded_cache else None
         dataset = _TrainBatches(
