@@ -85,7 +85,7 @@ class RegularizerConfig:
     bias_factor: float = 0.005
     gamma_factor: float = 0.005
     beta_factor: float = 0.005
-    implementation: str = "fused"  # fused (one multi-tensor norm, one autograd node) | reference
+    implementation: str = "fused"  # fused (multi-tensor norm and gradient ops) | reference
 
 
 @dataclass(frozen=True)

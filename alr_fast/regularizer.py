@@ -14,12 +14,21 @@ Two implementations with one signature, ``penalty(weights, thetas) -> 0-d tensor
   is the specification in code and the baseline of the benchmarks.
 * ``penalty_fused``: one multi-tensor norm over all tensors (apex ``multi_tensor_l2norm`` when apex
   is importable and the tensors are on a GPU, ``torch._foreach_norm`` otherwise) inside a single
-  autograd node whose backward adds 2*A*hs(theta)*W to all weight gradients with foreach ops and
-  gives dR/dtheta = 0.2*A*sum(W^2) inside the linear part of hs (0 where it saturates). The number
-  of kernel launches of the norms does not grow with the number of tensors.
+  autograd node whose backward hands 2*A*hs(theta)*W to every weight and gives
+  dR/dtheta = 0.2*A*sum(W^2) inside the linear part of hs (0 where it saturates).
 
-Both agree to 1e-6 relative in float64 (tests/test_regularizer.py). Accumulation is float32 for
-float32 parameters; no host synchronisation happens in either.
+Handing a gradient to each of n weights through autograd costs the engine one add per tensor
+(it sums the penalty's and the network's contribution per parameter), so the Trainer uses the
+fused penalty in its *deferred* form (``AdaptiveL2.defer_weight_grads``): the forward pass keeps
+only the thetas in the autograd graph (norms detached), and after ``backward()``
+``AdaptiveL2.add_weight_grads`` adds 2*A*hs(theta)*W to all weight gradients at once: one
+``index_select`` spreads the n coefficients over a persistent flat buffer whose per-tensor views
+share each weight's shape and strides, and one ``torch._foreach_addcmul_`` updates every gradient.
+The number of kernel launches of the norm, the value, the theta gradients and the weight
+gradients does not grow with the number of tensors, and nothing synchronises with the host.
+
+All forms agree to 1e-6 relative in float64 (tests/test_regularizer.py). Accumulation is float32
+for float32 parameters.
 """
 from __future__ import annotations
 
@@ -120,7 +129,51 @@ def penalty_fused(
     return _FusedPenalty.apply(amplitudes, adaptive, len(weights), *weights, *thetas)
 
 
+def penalty_coefficients(thetas: list[torch.Tensor], amplitudes: torch.Tensor, adaptive: bool = True) -> torch.Tensor:
+    """A_i * hs(theta_i) per tensor ([n]; A for the constant-L2 ablation)."""
+    return amplitudes * hard_sigmoid(torch.stack(thetas).to(amplitudes.dtype)) if adaptive else amplitudes
+
+
+def penalty_deferred(
+    weights: list[torch.Tensor], thetas: list[torch.Tensor], amplitudes: torch.Tensor, adaptive: bool = True
+) -> torch.Tensor:
+    """The fused penalty's value and theta gradients; the weights are not in the autograd graph.
+
+    Their gradients 2*A*hs(theta)*W are added after ``backward()`` by
+    ``AdaptiveL2.add_weight_grads`` (one multi-tensor op instead of one autograd add per tensor).
+    """
+    with torch.no_grad():
+        sumsq = multi_tensor_sumsq(list(weights)).to(amplitudes.dtype)
+    return (penalty_coefficients(thetas, amplitudes, adaptive) * sumsq).sum()
+
+
 PENALTIES = {"fused": penalty_fused, "reference": penalty_reference}
+
+
+class _SpreadCoefficients:
+    """A flat buffer with one view per weight (the weight's shape and strides), so that one
+    ``index_select`` writes every tensor's coefficient over all its elements and the views pair
+    element for element with the weights and their gradients in ``torch._foreach_addcmul_``
+    (whose multi-tensor fast path needs equal shapes and strides across its lists)."""
+
+    def __init__(self, weights: list[torch.Tensor], indices: list[int]) -> None:
+        device, dtype = weights[0].device, weights[0].dtype
+        if any(w.device != device or w.dtype != dtype for w in weights):
+            raise ValueError("regularized tensors must share one device and dtype; got "
+                             f"{sorted({(str(w.device), str(w.dtype)) for w in weights})}")
+        sizes = torch.tensor([w.numel() for w in weights], device=device)
+        total = int(sum(w.numel() for w in weights))
+        index_dtype = torch.int32 if total < 2**31 else torch.int64
+        owners = torch.tensor(indices, device=device, dtype=index_dtype)
+        # built once per set of trainable tensors; output_size keeps repeat_interleave sync-free
+        self.segment = torch.repeat_interleave(owners, sizes, output_size=total)
+        self.flat = torch.empty(total, device=device, dtype=dtype)
+        self.views, offset = [], 0
+        for w in weights:
+            dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
+            stride = w.stride() if dense else torch.empty(w.shape, device="meta").stride()
+            self.views.append(self.flat.as_strided(w.shape, stride, offset))
+            offset += w.numel()
 
 
 @dataclass(frozen=True)
@@ -171,6 +224,8 @@ class AdaptiveL2(nn.Module):
             "amplitudes", torch.tensor([factors[e.kind] for e in self.entries], dtype=torch.float64), persistent=False
         )
         self._weights = [params[e.name] for e in self.entries]
+        self.defer_weight_grads = False  # the Trainer turns this on for the fused implementation
+        self._spread: tuple[tuple, _SpreadCoefficients] | None = None
         if not adaptive:
             for t in self.thetas:
                 t.requires_grad_(False)
@@ -184,16 +239,47 @@ class AdaptiveL2(nn.Module):
             t.requires_grad_(self.adaptive and w.requires_grad)
 
     def forward(self) -> torch.Tensor:
-        fn = PENALTIES[self.implementation]
+        """The penalty R (0-d). With ``defer_weight_grads`` only the thetas get gradients from
+        ``R.backward()``; call ``add_weight_grads`` afterwards for the weights' part."""
         amps = self.amplitudes.to(self._weights[0].dtype)
-        return fn(self._weights, list(self.thetas), amps, self.adaptive)
+        if self.defer_weight_grads:
+            if self.implementation != "fused":
+                raise ValueError("defer_weight_grads needs implementation='fused'")
+            return penalty_deferred(self._weights, list(self.thetas), amps, self.adaptive)
+        return PENALTIES[self.implementation](self._weights, list(self.thetas), amps, self.adaptive)
+
+    @torch.no_grad()
+    def add_weight_grads(self, grad_scale: torch.Tensor | None = None) -> None:
+        """W.grad += grad_scale * 2*A*hs(theta)*W for every trainable regularized W (deferred mode).
+
+        ``grad_scale`` is the factor the loss was multiplied by before ``backward()`` (the fp16
+        GradScaler's scale, a device tensor), so that unscaling treats both parts alike. Call it
+        after ``backward()`` (and after DDP has averaged the gradients: the penalty's part is the
+        same on every rank) and before the optimizer step, while the thetas are those of the
+        forward pass. A constant number of launches, no host sync.
+        """
+        active = [i for i, w in enumerate(self._weights) if w.requires_grad]
+        if not active:
+            return
+        weights = [self._weights[i] for i in active]
+        for w in weights:
+            if w.grad is None:  # a tensor the network did not use still gets its penalty gradient
+                w.grad = torch.zeros_like(w)
+        key = (tuple(active), tuple((w.device, w.dtype, w.shape, w.stride()) for w in weights))
+        if self._spread is None or self._spread[0] != key:
+            self._spread = (key, _SpreadCoefficients(weights, active))
+        spread = self._spread[1]
+        amps = self.amplitudes.to(spread.flat.dtype)
+        coef = 2.0 * penalty_coefficients(list(self.thetas), amps, self.adaptive)
+        if grad_scale is not None:
+            coef = coef * grad_scale.to(coef.dtype)
+        torch.index_select(coef, 0, spread.segment, out=spread.flat)
+        torch._foreach_addcmul_([w.grad for w in weights], weights, spread.views)
 
     @torch.no_grad()
     def effective_factors(self) -> torch.Tensor:
         """A * hs(theta) per tensor ([n], on the device), or A for the constant-L2 ablation."""
-        if not self.adaptive:
-            return self.amplitudes.float().clone()
-        return self.amplitudes.float() * hard_sigmoid(torch.stack(list(self.thetas)).float())
+        return penalty_coefficients(list(self.thetas), self.amplitudes.float(), self.adaptive).clone()
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]

@@ -91,6 +91,10 @@ class Trainer:
         self.regions = regions or Regions(False)
         task.regions = self.regions
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self._one = torch.ones((), device=device)
+        reg = task.regularizer
+        if reg is not None:  # fused: weight gradients of the penalty in one multi-tensor op after backward
+            reg.defer_weight_grads = reg.implementation == "fused"
         self.step_module: torch.nn.Module = task
         self._wrap()
 
@@ -122,6 +126,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.regions("backward"):
             self.scaler.scale(losses["total"]).backward()
+        reg = self.task.regularizer
+        if reg is not None and reg.defer_weight_grads and len(reg):
+            with self.regions("regularizer"):
+                # the loss was scaled (fp16) before backward: scale the penalty's part alike
+                reg.add_weight_grads(self.scaler.scale(self._one) if self.scaler.is_enabled() else None)
         with self.regions("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -2,7 +2,8 @@
 
   eager_no_penalty  model on device-resident tensors, eager, no regularizer (the floor)
   eager_reference   (a)  eager, adaptive L2 as the per-tensor Python loop
-  eager_fused       (a') eager, fused adaptive L2 (one multi-tensor norm, one autograd node)
+  eager_fused       (a') eager, fused adaptive L2 (one multi-tensor norm; weight gradients added
+                         after backward by one multi-tensor op)
   captured          (b)  fused step under torch.compile ("reduce-overhead" = CUDA graphs on a GPU)
   dali              (c)  the captured step fed end to end by the DALI pipeline
   torch_loader      (d)  the captured step fed end to end by the torch DataLoader reference pipeline
