@@ -7,7 +7,9 @@
 
 each measured alone (``loader``: batches pulled as fast as they come) and feeding the model's
 training step (``train``: total images/s), beside the step on a device-resident batch
-(``compute``: the ceiling a loader can reach). All in one run on one device, written to
+(``compute``: the ceiling a loader can reach). Every loader hands over images as the trainer takes
+them: on a GPU in the autocast dtype (bf16 by default) with channels_last strides, on a CPU in
+float32. All in one run on one device, written to
 ``bench/results/pipeline-<device>-<date>.json`` with the device name and torch/DALI/CUDA versions,
 plus a PNG plot. Every timed step ends with a device synchronisation (deliberate: it makes the
 latency percentiles meaningful); images/s = steps * batch / total time.
@@ -101,11 +103,11 @@ def _build_loader(kind: str, args, data, device: torch.device, dtype: torch.dtyp
         from alr_fast.pipelines.gpu_cache import DecodedCacheTrainLoader
 
         return DecodedCacheTrainLoader(store, labels, camids, sampler, num_workers=args.dali_threads, **common)
+    from alr_fast.data import _device_id
     from alr_fast.pipelines.dali import DaliTrainLoader
 
-    device_id = (device.index or 0) if device.type == "cuda" else None
     workers = args.dali_workers if kind == "dali_parallel" else 0
-    return DaliTrainLoader(store, labels, camids, sampler, num_workers=workers, device_id=device_id,
+    return DaliTrainLoader(store, labels, camids, sampler, num_workers=workers, device_id=_device_id(device),
                            num_threads=args.dali_threads, **common)
 
 
@@ -132,11 +134,20 @@ def _summary(stats: dict, batch: int) -> dict:
     }
 
 
+def _input_dtype(args, device: torch.device) -> torch.dtype:
+    """The dtype the trainer takes its images in (as ``alr_fast.trainer.train`` builds its loaders)."""
+    from alr_fast.trainer import AUTOCAST_DTYPES, resolve_precision
+
+    if device.type != "cuda":
+        return torch.float32
+    return AUTOCAST_DTYPES.get(resolve_precision(args.precision, device), torch.float32)
+
+
 def _compute(args, trainer, device: torch.device) -> dict:
     """The training step on one device-resident batch: what a loader that costs nothing would give."""
     batch = args.P * args.K
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, args.height, args.width, generator=g).to(device)
+    images = torch.randn(batch, 3, args.height, args.width, generator=g).to(device, _input_dtype(args, device))
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(args.P).repeat_interleave(args.K).to(device)
@@ -148,7 +159,8 @@ def run_loader(kind: str, modes: list[str], args, data, device, trainer) -> dict
     channels_last = device.type == "cuda"
     batch = args.P * args.K
     t0 = time.perf_counter()
-    loader = _build_loader(kind, args, data, device, torch.float32, channels_last, args.warmup + args.steps)
+    dtype = _input_dtype(args, device)
+    loader = _build_loader(kind, args, data, device, dtype, channels_last, args.warmup + args.steps)
     out: dict = {"setup_s": time.perf_counter() - t0}
     if kind == "cache":
         out["cache_bytes"] = loader.nbytes
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "dataset": {"images": len(data[0]), "identities": int(len(np.unique(data[1]))), "jpeg_bytes": data[0].nbytes},
         "batch_size": batch,
+        "input_dtype": str(_input_dtype(args, device)).removeprefix("torch."),
         "compute": compute,
         "results": results,
     }

@@ -40,7 +40,9 @@ external source (worker processes, ``fork`` while no CUDA context exists, else `
 when the main thread is busy (a Python-heavy training step), see ``bench/pipeline.py``.
 
 Device use and ordering. With ``device_id=None`` every operator runs on the CPU (CI without a
-GPU). With ``device_id=k`` the decoder is ``"mixed"`` and the rest runs on GPU k; the outputs are
+GPU). With ``device_id=k`` the decoder is ``"mixed"`` and the rest runs on GPU k, the per-sample
+parameters staying CPU argument inputs (tests/test_dali_gpu_graph.py checks this placement without a
+GPU; ``fn.erase`` works on the uint8 image, as its GPU kernel has no float16); the outputs are
 handed to torch through DLPack inside ``DALIGenericIterator.__next__``, which makes the stream
 that is current at that moment (the trainer's) wait for DALI's work: a batch is valid on the
 stream current when it was produced. DALI runs ``prefetch_queue_depth`` batches ahead in its own

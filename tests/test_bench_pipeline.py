@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from alr_fast.bench import pipeline as bench_pipeline
 
@@ -24,6 +25,7 @@ def test_bench_pipeline_writes_json_and_plot(tmp_path, capsys):
     assert result["kind"] == "pipeline" and env["device"] == "cpu" and env["device_name"]
     assert env["torch"] and env["torchvision"] and "cuda" in env and env["date"]
     assert (env["dali"] is not None) == HAS_DALI
+    assert result["input_dtype"] == "float32"  # the trainer's input dtype on a CPU
     assert result["batch_size"] == 4 and result["dataset"]["images"] > 4 and result["dataset"]["identities"] == 4
     compute = result["compute"]
     assert compute["images_per_s"] > 0 and compute["steps"] == 2
@@ -46,3 +48,13 @@ def test_bench_pipeline_rejects_unknown_loader(tmp_path):
         bench_pipeline.main(["--loaders", "torch,opencv", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench_pipeline.main(["--help"])
+
+
+def test_bench_pipeline_feeds_the_trainers_input_dtype():
+    """On a GPU the loaders are timed in the dtype the trainer takes (its autocast dtype), on a CPU float32."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")  # no GPU needed: only the choice is checked
+    expected = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for precision, dtype in expected.items():
+        args = bench_pipeline._parser().parse_args(["--precision", precision])
+        assert bench_pipeline._input_dtype(args, cuda) == dtype
+        assert bench_pipeline._input_dtype(args, cpu) == torch.float32

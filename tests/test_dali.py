@@ -311,6 +311,42 @@ def test_parallel_source_matches_main_thread(dataset):
     assert_same_epochs(run_epochs(make_train(DaliTrainLoader, dataset, num_workers=2), 2), expected)
 
 
+def test_train_loader_runs_ahead_of_the_trainer(dataset, monkeypatch):
+    """When the first batch reaches the trainer, DALI already holds the inputs of the next
+    ``prefetch_queue_depth`` batches (the external source runs in the main thread, so it can be counted)."""
+    from alr_fast.pipelines import dali
+
+    requested = []
+    call = dali._TrainSource.__call__
+
+    def counting(self, info):
+        requested.append(info.idx_in_epoch)
+        return call(self, info)
+
+    monkeypatch.setattr(dali._TrainSource, "__call__", counting)
+    for depth in (1, 3):
+        requested.clear()
+        batches = iter(make_train(DaliTrainLoader, dataset, prefetch_queue_depth=depth))
+        next(batches)
+        assert len(requested) >= (depth + 1) * P * K  # batch 0 and the ``depth`` batches behind it
+        assert sorted(requested) == list(range(len(requested)))  # in order, none twice
+
+
+def test_train_loader_streams_per_rank(dataset):
+    """Each rank draws its own indices and parameters (seed, rank), the same ones as the reference loader."""
+    store, labels, camids = dataset
+
+    def first_epoch(cls, rank):
+        sampler = IdentitySampler(labels, P, K, STEPS, seed=SEED, rank=rank)
+        return run_epochs(cls(store, labels, camids, sampler, height=H, width=W, seed=SEED, rank=rank), 1)[0]
+
+    rank0, rank1 = first_epoch(DaliTrainLoader, 0), first_epoch(DaliTrainLoader, 1)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(rank0, rank1))  # other identities
+    for (x, p, c), (y, q, d) in zip(rank1, first_epoch(TorchTrainLoader, 1)):
+        assert torch.equal(p, q) and torch.equal(c, d)
+        assert_within_one_grey_level(x, y)
+
+
 def test_train_loader_channels_last_and_low_precision(dataset):
     (reference,) = run_epochs(make_train(DaliTrainLoader, dataset), 1)
     for dtype in (torch.float16, torch.bfloat16):
@@ -414,20 +450,24 @@ def test_decode_store_dali_and_cache_loader(dataset):
 
 
 @pytest.mark.gpu
-def test_gpu_train_loader_matches_cpu_mode(dataset):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_train_loader_matches_cpu_mode(dataset, dtype):
+    """nvJPEG + GPU operators vs the CPU operators, in each trainer dtype: fp16 leaves DALI as
+    fp16 (erase ran on uint8 before), bf16 is cast by torch; both keep channels_last strides."""
     cpu = run_epochs(make_train(DaliTrainLoader, dataset), 2)
-    gpu_loader = make_train(DaliTrainLoader, dataset, device="cuda:0", device_id=0, channels_last=True)
+    gpu_loader = make_train(DaliTrainLoader, dataset, device="cuda:0", device_id=0, channels_last=True, dtype=dtype)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # the batches must be ready on the stream current when they are made
         gpu = [[tuple(t.clone() for t in b) for b in gpu_loader] for _ in range(2)]
     stream.synchronize()
+    rounding = 0.0 if dtype == torch.float32 else 1.0  # grey levels lost to a 16-bit float (bf16: <= ~0.6)
     for epoch_cpu, epoch_gpu in zip(cpu, gpu):
         for (x, p, c), (y, q, d) in zip(epoch_cpu, epoch_gpu):
-            assert y.is_cuda and q.is_cuda and d.is_cuda
+            assert y.is_cuda and q.is_cuda and d.is_cuda and y.dtype == dtype and y.shape == x.shape
             assert y.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(p, q.cpu()) and torch.equal(c, d.cpu())
             diff = (grey_levels(x) - grey_levels(y)).abs()
-            assert diff.max().item() <= GPU_DECODE_TOLERANCE and diff.mean().item() < 1.0
+            assert diff.max().item() <= GPU_DECODE_TOLERANCE + rounding and diff.mean().item() < 1.0
 
 
 @pytest.mark.gpu
