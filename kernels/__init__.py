@@ -7,7 +7,11 @@ The public functions take NumPy arrays, CuPy arrays or torch tensors and dispatc
   the CuPy kernels of ``gpu.py`` on that device. Host-side arguments of the same call (labels,
   typically) are copied to the device. Matrices come back as the array type of the first
   device argument (a CuPy array, or a torch tensor again through DLPack); ``evaluate_ranking``
-  returns host values (NumPy cmc, float mAP) on both paths.
+  returns host values (NumPy cmc, float mAP) on both paths. Streams: the kernels run on
+  CuPy's current stream; the DLPack exchange in both directions passes the consumer's stream
+  (``cupy.from_dlpack`` / ``torch.from_dlpack``), so work queued on torch's current stream
+  before the call, and work queued on it after the call, is ordered with the kernels without
+  a device-wide synchronisation.
 * everything else runs the NumPy reference of ``reference.py``; torch CPU tensors are viewed as
   NumPy arrays. CUDA tensors without CuPy installed fall back to it too, with a warning that
   names the package to install.

@@ -8,8 +8,9 @@
 // Layout: dot row-major [n_rows, ld_dot] of D (float: the float32 product of float16/float32
 //   features; double: float64 features), out row-major float32 [n_rows, ld_out]; dot may alias
 //   out (float case, in place). Row statistics q_stat [n_rows] and g_stat [n_cols] are float64.
-// Accumulation: the epilogue is float64 with explicitly rounded operations (no FMA contraction),
-//   the final float32 rounding in inline PTX without .ftz (CuPy compiles with -ftz=true).
+// Accumulation: the epilogue is float64 with explicitly rounded operations (no FMA contraction);
+//   the float32 -> float64 widening of the product and the final float32 rounding are inline PTX
+//   without .ftz (CuPy compiles with -ftz=true, which would flush subnormals in both).
 // Tolerance: the float64 epilogue adds nothing measurable; the error is the GEMM's: float32
 //   accumulation over D terms (float16 products are exact in float32), about 1e-6 relative to
 //   |q||g| for D <= 4096 (tests: atol 2e-5 scaled), float64 inputs agree to 1e-6.
@@ -23,9 +24,20 @@ __device__ __forceinline__ float f64_to_f32(double x)
     asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));  // no .ftz: subnormal results survive
     return r;
 }
+
+__device__ __forceinline__ double f32_to_f64(float x)
+{
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));  // exact; (double)x would be cvt.ftz
+    return r;
+}
 #else
 inline float f64_to_f32(double x) { return (float)x; }  // host build for the CPU tests
+inline double f32_to_f64(float x) { return (double)x; }
 #endif
+
+__device__ __forceinline__ double widen(float x) { return f32_to_f64(x); }
+__device__ __forceinline__ double widen(double x) { return x; }
 
 template <typename D, int METRIC>
 __global__ void distance_epilogue(
@@ -38,7 +50,7 @@ __global__ void distance_epilogue(
          idx += (long long)gridDim.x * blockDim.x) {
         const long long i = idx / n_cols;
         const long long j = idx - i * n_cols;
-        const double p = (double)dot[i * ld_dot + j];
+        const double p = widen(dot[i * ld_dot + j]);
         double v;
         if (METRIC == 0) {
             v = __dsub_rn(1.0, __dmul_rn(__dmul_rn(p, q_stat[i]), g_stat[j]));

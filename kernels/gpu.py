@@ -133,14 +133,19 @@ def rerank_jaccard_names(qg_dtype, s_dtype) -> tuple[str, ...]:
 
 
 def runtime_name_expressions() -> dict[str, tuple[str, ...]]:
-    """Every instantiation the runtime builds for inputs of one dtype, plus mixed examples."""
-    floats = (np.float16, np.float32, np.float64)
+    """Every instantiation the wrappers can ask for, per file (the NVRTC test compiles them all).
+
+    Re-ranking stacks (q_q over q_g^T) and (q_g over g_g) with squares in S = the inputs'
+    common dtype, so any pair (top, bottom) of float dtypes occurs with any S at least as wide.
+    """
+    floats = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
     rerank: list[str] = []
-    for a, b, s in [(t, t, t) for t in floats] + [
-        (np.float16, np.float32, np.float32), (np.float32, np.float64, np.float64),
-    ]:
-        rerank += rerank_column_names(a, b, s)
-        rerank += [n for n in rerank_jaccard_names(b, s) if n not in rerank]
+    for s in floats:
+        for a in floats:
+            for b in floats:
+                if s.itemsize >= max(a.itemsize, b.itemsize):
+                    rerank += rerank_column_names(a, b, s)
+                    rerank += [n for n in rerank_jaccard_names(b, s) if n not in rerank]
     return {
         "distance.cu": distance_names(np.float32) + distance_names(np.float64),
         "ranking.cu": RANKING_NAMES,
@@ -259,6 +264,12 @@ def _unit_inner(xp, x):
     return x if _is_unit_inner(x) else xp.ascontiguousarray(x)
 
 
+def _ld(x) -> int:
+    """Leading dimension (elements) of a unit-inner matrix: its row stride, or its width for a
+    single row, whose stride is arbitrary (cuBLAS rejects ld < columns even where unused)."""
+    return x.strides[0] // x.itemsize if x.shape[0] > 1 else x.shape[1]
+
+
 # --------------------------------------------------------------------------------------------
 # NumPy (xp) emulations of the kernels: the contracts the CUDA kernels meet
 # --------------------------------------------------------------------------------------------
@@ -359,6 +370,12 @@ def _require(name: str, x, dtypes, ndim: int, layout: str = "unit_inner") -> Non
         )
 
 
+def _require_shape(name: str, x, shape: tuple[int, ...], what: str) -> None:
+    """ValueError naming ``x`` unless its shape is ``shape`` (``what`` says where it comes from)."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}); got {check.describe(x)}")
+
+
 def _launch_1d(total: int, threads: int = 256) -> tuple[tuple[int], tuple[int]]:
     return (max(1, min(-(-total // threads), 1 << 16)),), (threads,)
 
@@ -391,8 +408,8 @@ def _cupy_gemm_f32(q, g, out) -> None:
         for s, e in _even_chunks(q.shape[0], max(1, (1 << 31) // max(1, num_g))):
             cublas.gemmEx(
                 handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, num_g, e - s, dim,
-                one.ctypes.data, g.data.ptr, in_type, g.strides[0] // g.itemsize,
-                q[s:e].data.ptr, in_type, q.strides[0] // q.itemsize,
+                one.ctypes.data, g.data.ptr, in_type, _ld(g),
+                q[s:e].data.ptr, in_type, _ld(q[s:e]),
                 zero.ctypes.data, out[s:e].data.ptr, runtime.CUDA_R_32F, num_g,
                 cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT,
             )
@@ -408,11 +425,13 @@ def _k_distance_epilogue(xp, launch, dot, out, q_stat, g_stat, metric: str) -> N
     _require("q_stat", q_stat, np.float64, 1, "contiguous")
     _require("g_stat", g_stat, np.float64, 1, "contiguous")
     rows, cols = out.shape
+    _require_shape("dot", dot, (rows, cols), "the shape of out")
+    _require_shape("q_stat", q_stat, (rows,), "one per row of out")
+    _require_shape("g_stat", g_stat, (cols,), "one per column of out")
     names = distance_names(dot.dtype)
     grid, block = _launch_1d(rows * cols)
     launch("distance.cu", names, names[METRIC_CODES[metric]], grid, block,
-           (dot, np.int64(dot.strides[0] // dot.itemsize), q_stat, g_stat, np.int64(rows), np.int64(cols),
-            out, np.int64(out.strides[0] // 4)))
+           (dot, np.int64(_ld(dot)), q_stat, g_stat, np.int64(rows), np.int64(cols), out, np.int64(_ld(out))))
 
 
 def _k_count_negatives_before(xp, launch, dist, q_code, g_code, seg_ptr, pos_len, keys):
@@ -422,10 +441,15 @@ def _k_count_negatives_before(xp, launch, dist, q_code, g_code, seg_ptr, pos_len
     _require("seg_ptr", seg_ptr, np.int64, 1, "contiguous")
     _require("pos_len", pos_len, np.int32, 1, "contiguous")
     _require("keys", keys, np.uint64, 1, "contiguous")
+    rows, cols = dist.shape
+    _require_shape("q_code", q_code, (rows,), "one per row of dist")
+    _require_shape("g_code", g_code, (cols,), "one per column of dist")
+    _require_shape("seg_ptr", seg_ptr, (rows + 1,), "row pointer of the rows of dist")
+    _require_shape("pos_len", pos_len, (rows,), "one per row of dist")
     counts = xp.zeros(keys.shape[0], dtype=np.int32)
     if keys.size and dist.shape[0]:
         launch("ranking.cu", RANKING_NAMES, "count_negatives_before", (dist.shape[0],), (256,),
-               (dist, np.int64(dist.strides[0] // 4), np.int64(dist.shape[1]), q_code, g_code, seg_ptr,
+               (dist, np.int64(_ld(dist)), np.int64(cols), q_code, g_code, seg_ptr,
                 pos_len, keys, counts))
     return counts
 
@@ -442,8 +466,8 @@ def _column_args(a, b):
         _require(name, x, tuple(_CUDA_TYPE), 2)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"stacked matrices need the same columns; got {check.describe(a)} over {check.describe(b)}")
-    return (a, np.int64(a.strides[0] // a.itemsize), np.int64(a.shape[0]),
-            b, np.int64(b.strides[0] // b.itemsize), np.int64(b.shape[0]), np.int64(a.shape[1]))
+    return (a, np.int64(_ld(a)), np.int64(a.shape[0]), b, np.int64(_ld(b)), np.int64(b.shape[0]),
+            np.int64(a.shape[1]))
 
 
 def _k_column_max_sq(xp, launch, a, b, s_dtype):
@@ -465,6 +489,9 @@ def _k_column_topk_keys(xp, launch, a, b, s_dtype, col_max, k: int):
     args = _column_args(a, b)
     _require("col_max", col_max, np.float32, 1, "contiguous")
     n_cols = a.shape[1]
+    _require_shape("col_max", col_max, (n_cols,), "one per column of the stack")
+    if k < 1:  # the kernel would leave out unwritten
+        raise ValueError(f"k must be >= 1; got {k}")
     n_slices, per_slice = _column_slices(a.shape[0] + b.shape[0], n_cols)
     out = xp.empty((n_slices, n_cols, k), dtype=np.uint64)
     names = rerank_column_names(a.dtype, b.dtype, s_dtype)
@@ -478,6 +505,12 @@ def _k_jaccard_accumulate(xp, launch, indptr, cols, vals, col_ptr, col_items, co
                            ("col_ptr", col_ptr, np.int64), ("col_items", col_items, np.int32),
                            ("col_vals", col_vals, np.float32)):
         _require(name, x, dtype, 1, "contiguous")
+    n = indptr.shape[0] - 1
+    _require_shape("vals", vals, cols.shape, "one per entry of cols")
+    _require_shape("col_ptr", col_ptr, indptr.shape, "a pointer over the N columns, as indptr over the N rows")
+    _require_shape("col_vals", col_vals, col_items.shape, "one per entry of col_items")
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"query rows [{start}, {stop}) must lie within the {n} rows of indptr")
     acc = xp.zeros((stop - start, num_g), dtype=np.float64)
     names = rerank_jaccard_names(np.float32, np.float32)  # the kernel is not a template
     launch("rerank.cu", names, "jaccard_accumulate", (stop - start,), (256,),
@@ -491,11 +524,14 @@ def _k_rerank_finalize(xp, launch, acc, qg_rows, col_max_rows, s_dtype, w_jaccar
     _require("col_max_rows", col_max_rows, np.float32, 1, "contiguous")
     _require("out", out, np.float32, 2)
     rows, num_g = out.shape
+    _require_shape("acc", acc, (rows, num_g), "the shape of out")
+    _require_shape("qg_rows", qg_rows, (rows, num_g), "the shape of out")
+    _require_shape("col_max_rows", col_max_rows, (rows,), "one per row of out")
     names = rerank_jaccard_names(qg_rows.dtype, s_dtype)
     grid, block = _launch_1d(rows * num_g)
     launch("rerank.cu", names, names[1], grid, block,
-           (acc, qg_rows, np.int64(qg_rows.strides[0] // qg_rows.itemsize), col_max_rows, np.int64(rows),
-            np.int64(num_g), np.float32(w_jaccard), np.float32(w_original), out, np.int64(out.strides[0] // 4)))
+           (acc, qg_rows, np.int64(_ld(qg_rows)), col_max_rows, np.int64(rows), np.int64(num_g),
+            np.float32(w_jaccard), np.float32(w_original), out, np.int64(_ld(out))))
 
 
 # --------------------------------------------------------------------------------------------

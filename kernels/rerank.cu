@@ -19,8 +19,9 @@
 //   run the kernels' logic on the host.
 // Accumulation: squares exactly as NumPy (S = half: rounded to half; float; double: rounded
 //   once to float32), divisions and the final blend in float32 with explicit round-to-nearest
-//   PTX without .ftz (CuPy passes -ftz=true), so dist and its order are bit-identical to the
-//   reference. The Jaccard overlap m is summed in float64 (atomics: order varies, <= 1e-16
+//   PTX without .ftz (CuPy passes -ftz=true), conversions likewise (a plain (double)x compiles
+//   to cvt.ftz), so dist and its order are bit-identical to the reference. No float32
+//   compare. The Jaccard overlap m is summed in float64 (atomics: order varies, <= 1e-16
 //   relative) and rounded once to float32, as the reference's float64 bincount.
 // Tolerance: neighbour lists exact; final distances within 1e-6 of the NumPy reference (its
 //   float32 exp and float64 sums in another order); tests use atol 1e-5.
@@ -53,6 +54,13 @@ __device__ __forceinline__ float f64_to_f32(double x)
 {
     float r;
     asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+    return r;
+}
+
+__device__ __forceinline__ double f32_to_f64(float x)
+{
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));  // exact; (double)x would be cvt.ftz
     return r;
 }
 
@@ -100,6 +108,7 @@ inline unsigned short f32_to_f16(float x)
     return r;
 }
 inline float f64_to_f32(double x) { return (float)x; }
+inline double f32_to_f64(float x) { return (double)x; }
 inline float f32_mul(float a, float b) { return a * b; }
 inline float f32_div(float a, float b) { return a / b; }
 inline float f32_add(float a, float b) { return a + b; }
@@ -110,8 +119,8 @@ inline float f32_sub(float a, float b) { return a - b; }
 __device__ __forceinline__ float as_f32(half_t x) { return f16_to_f32(x.bits); }
 __device__ __forceinline__ float as_f32(float x) { return x; }
 __device__ float as_f32(double x) = delete;  // a square in half or float never takes a double
-__device__ __forceinline__ double as_f64(half_t x) { return (double)f16_to_f32(x.bits); }
-__device__ __forceinline__ double as_f64(float x) { return (double)x; }
+__device__ __forceinline__ double as_f64(half_t x) { return f32_to_f64(f16_to_f32(x.bits)); }
+__device__ __forceinline__ double as_f64(float x) { return f32_to_f64(x); }
 __device__ __forceinline__ double as_f64(double x) { return x; }
 
 // Finiteness from the bits: independent of -ftz and of fast-math flags.
@@ -255,10 +264,10 @@ __global__ void jaccard_accumulate(
     // gallery items of one list are distinct, so the atomics of one instruction never collide.
     for (long long e = row_ptr[i] + warp; e < row_ptr[i + 1]; e += n_warps) {
         const int c = row_cols[e];
-        const float v = row_vals[e];
+        const double v = f32_to_f64(row_vals[e]);  // min in float64: no flushed float compare
         for (long long t = col_ptr[c] + lane; t < col_ptr[c + 1]; t += 32) {
-            const float w = col_vals[t];
-            atomicAdd(dst + col_items[t], (double)(w < v ? w : v));
+            const double w = f32_to_f64(col_vals[t]);
+            atomicAdd(dst + col_items[t], w < v ? w : v);
         }
     }
 }

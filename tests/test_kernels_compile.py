@@ -6,6 +6,8 @@ Each ``kernels/*.cu`` is compiled with the options CuPy's RawModule uses at run 
 expressions()``): to PTX for compute_80 and compute_90, and to a cubin for sm_90, which runs
 ptxas and so also checks the inline PTX. A syntax error in a kernel fails here even on a
 machine where nothing can run it; the negative tests prove that the harness does fail.
+The PTX is also audited: no flush-to-zero or contracted (fma) float instruction, which CuPy's
+-ftz=true would otherwise slip in, and static shared memory within the default 48 KiB.
 """
 from __future__ import annotations
 
@@ -88,6 +90,39 @@ def test_every_kernel_is_instantiated_and_documented(filename):
     assert note.startswith(f"// {filename}:"), note[:80]
     for field in DESIGN_NOTE_FIELDS:
         assert f"// {field}" in note, f"{filename}: design note lacks {field!r}"
+
+
+def _ptx(filename: str, source: str | None = None) -> str:
+    source = gpu.kernel_source(filename) if source is None else source
+    ptx, _ = compile_source(source, gpu.runtime_name_expressions()[filename], "compute_90", filename)
+    return ptx.decode(errors="replace")
+
+
+# Any .ftz instruction flushes subnormals (the kernels promise NumPy's results bit for bit, and
+# CuPy's -ftz=true turns a plain (double)x or x < y on floats into cvt.ftz / setp.ftz); an
+# fma.f32/f64 would be a contracted multiply-add (the kernels use explicitly rounded operations).
+_FORBIDDEN_PTX = re.compile(
+    r"^\s*(?:@!?%\w+\s+)?((?:\w+\.)*ftz(?:\.\w+)*|fma\.\w+\.f(?:32|64)|mad\.\w*\.?f(?:32|64))\b", re.M
+)
+
+
+@pytest.mark.parametrize("filename", gpu.KERNEL_FILES)
+def test_ptx_has_no_flushing_or_contracted_float_instructions(filename):
+    assert _FORBIDDEN_PTX.findall(_ptx(filename)) == []
+
+
+def test_flushing_conversion_is_detected():
+    source = gpu.kernel_source("rerank.cu").replace(
+        "as_f64(float x) { return f32_to_f64(x); }", "as_f64(float x) { return (double)x; }")
+    assert "cvt.ftz.f64.f32" in _FORBIDDEN_PTX.findall(_ptx("rerank.cu", source))
+
+
+@pytest.mark.parametrize("filename", gpu.KERNEL_FILES)
+def test_static_shared_memory_fits_the_default_48_kib(filename):
+    sizes = re.findall(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\w+\[(\d+)\]", _ptx(filename))
+    assert sum(map(int, sizes)) <= 48 * 1024, sizes  # more would need an opt-in launch attribute
+    if filename == "ranking.cu":
+        assert sorted(map(int, sizes)) == [8192, 16384]  # SHARED_POS int counters and uint64 keys
 
 
 def test_syntax_error_fails_compilation():

@@ -17,6 +17,7 @@ times the largest distance.
 """
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
@@ -359,6 +360,164 @@ def test_kernel_wrappers_reject_wrong_dtype_and_layout():
     gpu._require("dist", np.zeros((3, 4), np.float32)[1:], np.float32, 2)  # row views are fine
 
 
+# --------------------------------------------------------------------------------------------
+# Launch arguments against the .cu signatures (no GPU, no compiler needed)
+# --------------------------------------------------------------------------------------------
+# CuPy passes an ndarray as a pointer and a NumPy scalar by value with the size of its dtype,
+# with no check against the kernel's parameters: a count, order or width mismatch reads garbage
+# on the device. These tests parse every __global__ signature and compare each launch.
+_C_TYPES = {"half_t": np.float16, "float": np.float32, "double": np.float64, "int": np.int32,
+            "long long": np.int64, "unsigned int": np.uint32, "unsigned long long": np.uint64}
+
+
+def _kernel_signatures(source: str) -> dict[str, tuple[list[str], list[tuple[str, bool]]]]:
+    """{kernel: (template parameter names, [(C type, is pointer)])} of every __global__."""
+    sigs = {}
+    for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(\w+)\s*\(([^)]*)\)", source):
+        tparams = [p.split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
+        params = []
+        for p in m.group(3).split(","):
+            p = " ".join(p.replace("__restrict__", "").replace("const ", " ").split())
+            pointer = "*" in p
+            ctype = p.split("*")[0].strip() if pointer else p.rsplit(" ", 1)[0]
+            params.append((ctype, pointer))
+        sigs[m.group(2)] = (tparams, params)
+    return sigs
+
+
+def _launch_mismatches(source: str, name: str, args) -> list[str]:
+    """Differences between the launch ``args`` of name expression ``name`` and its C++ signature."""
+    kernel, _, targs = name.partition("<")
+    tparams, params = _kernel_signatures(source)[kernel]
+    binding = dict(zip(tparams, [t.strip() for t in targs.rstrip(">").split(",")] if targs else []))
+    if len(binding) != len(tparams):
+        return [f"{name}: {len(binding)} template arguments for {tparams}"]
+    if len(args) != len(params):
+        return [f"{name}: {len(args)} arguments for {len(params)} parameters"]
+    problems = []
+    for i, ((ctype, pointer), arg) in enumerate(zip(params, args)):
+        want = np.dtype(_C_TYPES[binding.get(ctype, ctype)])
+        if pointer and not (isinstance(arg, np.ndarray) and arg.dtype == want):
+            problems.append(f"{name} argument {i}: {want.name} array expected, got {type(arg).__name__} "
+                            f"{getattr(arg, 'dtype', '')}")
+        elif not pointer and (isinstance(arg, np.ndarray) or type(arg) is not want.type):
+            problems.append(f"{name} argument {i}: numpy.{want.name} scalar expected, got {type(arg).__name__}")
+    return problems
+
+
+class RecordingLauncher:
+    """A ``launch`` that only records (filename, names, name, grid, block, args)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, filename, names, name, grid, block, args):
+        self.calls.append((filename, names, name, tuple(grid), tuple(block), tuple(args)))
+
+
+def _launch_every_instantiation(backend) -> None:
+    """Call each kernel wrapper once per dtype combination it can dispatch to."""
+    floats = [np.dtype(t) for t in _FLOATS]
+    for dot_dtype in (np.float32, np.float64):
+        for metric in gpu.METRIC_CODES:
+            backend.distance_epilogue(np.zeros((3, 5), dot_dtype), np.zeros((3, 5), np.float32),
+                                      np.ones(3), np.ones(5), metric)
+    backend.count_negatives_before(np.zeros((3, 5), np.float32), np.zeros(3, np.int32), np.ones(5, np.int32),
+                                   np.array([0, 1, 1, 2]), np.array([1, 0, 1], np.int32), np.zeros(2, np.uint64))
+    for s in floats:
+        for a in floats:
+            for b in floats:
+                if s.itemsize < max(a.itemsize, b.itemsize):
+                    continue
+                top, bottom = np.ones((4, 6), a), np.ones((300, 6), b)
+                backend.column_max_sq(top, bottom, s)
+                for k in (1, gpu.TOPK_CAPACITIES[0] + 1):  # the two compiled list sizes
+                    backend.column_topk_keys(top, bottom, s, np.ones(6, np.float32), k)
+            if s.itemsize >= a.itemsize:
+                backend.rerank_finalize(np.zeros((2, 6)), np.ones((2, 6), a), np.ones(2, np.float32), s,
+                                        np.float32(0.7), np.float32(0.3), np.zeros((2, 6), np.float32))
+    ptr = np.array([0, 2, 3, 4])
+    backend.jaccard_accumulate(ptr, np.array([0, 2, 1, 2], np.int32), np.ones(4, np.float32), ptr,
+                               np.array([0, 1, 1, 0], np.int32), np.ones(4, np.float32), 0, 1, 2)
+
+
+
+def test_every_launch_matches_the_kernel_signature_and_covers_every_instantiation():
+    rec = RecordingLauncher()
+    _launch_every_instantiation(gpu.kernel_backend(np, rec, gpu.NUMPY_BACKEND.gemm_f32))
+    sources = {f: gpu.kernel_source(f) for f in gpu.KERNEL_FILES}
+    problems = []
+    for filename, names, name, grid, block, args in rec.calls:
+        assert name in names, (name, names)
+        problems += _launch_mismatches(sources[filename], name, args)
+        # CUDA limits: gridDim.x < 2^31, gridDim.y/z <= 65535, whole warps (jaccard uses lanes)
+        assert 1 <= grid[0] < 2 ** 31 and all(1 <= g <= 65535 for g in grid[1:]), (name, grid)
+        assert len(block) == 1 and 32 <= block[0] <= 1024 and block[0] % 32 == 0, (name, block)
+    assert not problems, "\n".join(problems)
+    launched = {(f, n) for f, _, n, *_ in rec.calls}
+    compiled = {(f, n) for f, names in gpu.runtime_name_expressions().items() for n in names}
+    assert launched == compiled, (compiled - launched, launched - compiled)
+
+
+def test_signature_check_catches_count_width_and_template_mismatches():
+    source = gpu.kernel_source("distance.cu")
+    name = gpu.distance_names(np.float32)[0]
+    args = (np.zeros((2, 2), np.float32), np.int64(2), np.ones(2), np.ones(2), np.int64(2), np.int64(2),
+            np.zeros((2, 2), np.float32), np.int64(2))
+    assert _launch_mismatches(source, name, args) == []
+    assert _launch_mismatches(source, name, args[:-1]) == [f"{name}: 7 arguments for 8 parameters"]
+    assert "argument 1: numpy.int64 scalar expected, got int32" in _launch_mismatches(
+        source, name, args[:1] + (np.int32(2),) + args[2:])[0]
+    double_name = gpu.distance_names(np.float64)[0]
+    assert "argument 0: float64 array expected" in _launch_mismatches(source, double_name, args)[0]
+    narrowed = source.replace("long long ld_dot", "int ld_dot")
+    assert "argument 1: numpy.int32 scalar expected, got int64" in _launch_mismatches(narrowed, name, args)[0]
+    rerank = gpu.kernel_source("rerank.cu")
+    sigs = _kernel_signatures(rerank)
+    assert sigs["column_topk"][0] == ["TA", "TB", "S", "CAP"] and len(sigs["column_topk"][1]) == 11
+    assert sigs["jaccard_accumulate"] == ([], [("long long", True), ("int", True), ("float", True),
+                                              ("long long", True), ("int", True), ("float", True),
+                                              ("long long", False), ("long long", False), ("double", True)])
+
+
+def test_kernel_wrappers_check_shapes_against_each_other():
+    backend = gpu.kernel_backend(np, RecordingLauncher(), gpu.NUMPY_BACKEND.gemm_f32)
+    out = np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"^g_stat must have shape \(5,\) \(one per column of out\); got shape \(4,\)"):
+        backend.distance_epilogue(out, out, np.ones(3), np.ones(4), "cosine")
+    with pytest.raises(ValueError, match=r"^dot must have shape \(3, 5\)"):
+        backend.distance_epilogue(np.zeros((3, 6), np.float32), out, np.ones(3), np.ones(5), "cosine")
+    with pytest.raises(ValueError, match=r"^seg_ptr must have shape \(4,\) .*got shape \(3,\) int64"):
+        backend.count_negatives_before(out, np.zeros(3, np.int32), np.zeros(5, np.int32), np.zeros(3, np.int64),
+                                       np.zeros(3, np.int32), np.zeros(1, np.uint64))
+    with pytest.raises(ValueError, match=r"^col_max must have shape \(6,\)"):
+        backend.column_topk_keys(np.ones((2, 6)), np.ones((3, 6)), np.float64, np.ones(5, np.float32), 3)
+    with pytest.raises(ValueError, match=r"^k must be >= 1; got 0"):
+        backend.column_topk_keys(np.ones((2, 6)), np.ones((3, 6)), np.float64, np.ones(6, np.float32), 0)
+    ptr = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"query rows \[1, 3\) must lie within the 2 rows of indptr"):
+        backend.jaccard_accumulate(ptr, np.zeros(2, np.int32), np.ones(2, np.float32), ptr, np.zeros(2, np.int32),
+                                   np.ones(2, np.float32), 1, 3, 1)
+    with pytest.raises(ValueError, match=r"^col_max_rows must have shape \(3,\)"):
+        backend.rerank_finalize(np.zeros((3, 5)), out, np.ones(2, np.float32), np.float32, np.float32(1),
+                                np.float32(0), out)
+
+
+def test_leading_dimension_of_single_rows_and_launch_geometry_at_msmt17_scale():
+    # A single row's stride is arbitrary (a transposed column has stride 1 element): cuBLAS
+    # needs ld >= the row length, so the width is passed; matrices pass their row stride.
+    column = np.ones((7, 1), np.float32)
+    assert gpu._is_unit_inner(column.T) and gpu._ld(column.T) == 7
+    assert gpu._ld(np.ones((4, 10), np.float16)[:, 2:5]) == 10
+    num_q, num_g = 11659, 82161
+    grid, block = gpu._launch_1d(num_q * num_g)  # grid-stride loops past 65,536 blocks
+    assert grid[0] == 1 << 16 and block[0] == 256
+    for n_cols in (1, 128, 3000, num_g):
+        n_slices, per_slice = gpu._column_slices(num_q + num_g, n_cols)
+        assert 1 <= n_slices <= gpu._MAX_SLICES  # gridDim.y
+        assert (n_slices - 1) * per_slice < num_q + num_g <= n_slices * per_slice
+
+
 def test_dispatch_keeps_host_inputs_on_the_reference_and_checks_the_budget():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(9)
@@ -482,18 +641,6 @@ void run_grid(void (*k)(A...), unsigned gx, unsigned gy, unsigned bx, void** arg
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
-def _host_names(filename: str) -> list[str]:
-    """Every instantiation the wrappers can ask for (all dtype combinations), per file."""
-    names = list(gpu.runtime_name_expressions()[filename])
-    if filename == "rerank.cu":
-        for a in _FLOATS:
-            for b in _FLOATS:
-                for s_ in _FLOATS:
-                    if np.dtype(s_).itemsize >= max(np.dtype(a).itemsize, np.dtype(b).itemsize):
-                        names += gpu.rerank_column_names(a, b, s_) + gpu.rerank_jaccard_names(b, s_)
-    return list(dict.fromkeys(names))
-
-
 class HostKernels:
     """ctypes launcher of the g++-built kernels, with the signature of gpu._cupy_launch."""
 
@@ -505,7 +652,7 @@ class HostKernels:
         self._libs, self._shims, self._threaded = {}, {}, {}
         for filename in gpu.KERNEL_FILES:
             source = gpu.kernel_source(filename)
-            names = _host_names(filename)
+            names = gpu.runtime_name_expressions()[filename]  # every instantiation the wrappers use
             shims = [f'extern "C" void shim_{i}(unsigned gx, unsigned gy, unsigned bx, void** a, int t)'
                      f' {{ run_grid(&{name}, gx, gy, bx, a, t); }}' for i, name in enumerate(names)]
             path = build_dir / filename.replace(".cu", ".cpp")
@@ -692,6 +839,29 @@ def test_gpu_torch_tensors_pass_through_dlpack_without_copies(cp):
     ref_bf = reference.compute_distmat(qf.detach().bfloat16().float().cpu().numpy(),
                                        gf.bfloat16().float().cpu().numpy())
     np.testing.assert_allclose(bf16.cpu().numpy(), ref_bf, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_single_row_views_and_a_torch_side_stream(cp):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(15)
+    gf = rng.normal(size=(90, 24)).astype(np.float32)
+    for dtype in (np.float16, np.float32):
+        # (1, D) transposed column: row stride of one element, which cuBLAS refuses as ld < D
+        q = cp.asarray(rng.normal(size=(24, 1)).astype(dtype)).T
+        assert q.strides[0] == q.itemsize and q.shape == (1, 24)
+        g = cp.asarray(gf.astype(dtype))
+        expected = reference.compute_distmat(cp.asnumpy(q), gf.astype(dtype))
+        _assert_distances_close(cp.asnumpy(kernels.compute_distmat(q, g)), expected, "cosine")
+        _assert_distances_close(cp.asnumpy(kernels.compute_distmat(g, q)), expected.T, "cosine")
+    # features produced on a non-default torch stream: DLPack orders CuPy's work after it and
+    # the returned tensor's consumers after CuPy's
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        feats = torch.from_numpy(gf).cuda() * 3.0
+        got = kernels.compute_distmat(feats, feats, "sqeuclidean").cpu().numpy()
+    scaled = 3.0 * gf
+    _assert_distances_close(got, reference.compute_distmat(scaled, scaled, "sqeuclidean"), "sqeuclidean")
 
 
 @pytest.mark.gpu
