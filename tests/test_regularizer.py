@@ -32,6 +32,17 @@ def _random_net(seed: int) -> nn.Module:
     return net
 
 
+def _random_regularized_net(seed: int, adaptive: bool, theta_seed: int):
+    """A random float64 net, its AdaptiveL2, and the generator that drew the thetas."""
+    net = _random_net(seed)
+    reg = AdaptiveL2(net, FACTORS, adaptive=adaptive).double()
+    g = torch.Generator().manual_seed(theta_seed)
+    with torch.no_grad():
+        for t in reg.thetas:  # spread over the linear part and both saturated ends
+            t.copy_(torch.empty((), dtype=torch.float64).uniform_(-4, 4, generator=g))
+    return net, reg, g
+
+
 def _grads(params):
     return [p.grad.clone() for p in params]
 
@@ -39,12 +50,7 @@ def _grads(params):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_fused_matches_reference_float64(seed, adaptive):
-    net = _random_net(seed)
-    reg = AdaptiveL2(net, FACTORS, adaptive=adaptive).double()
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for t in reg.thetas:  # spread over the linear part and both saturated ends
-            t.copy_(torch.empty((), dtype=torch.float64).uniform_(-4, 4, generator=g))
+    net, reg, g = _random_regularized_net(seed, adaptive, theta_seed=100 + seed)
     weights = reg._weights
     thetas = list(reg.thetas)
     amps = reg.amplitudes * torch.rand(len(reg), generator=g, dtype=torch.float64) * 2
@@ -169,12 +175,7 @@ def _deferred_vs_reference(net, reg, grad_scale=None, seed=0):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_deferred_weight_grads_match_reference_float64(seed, adaptive):
-    net = _random_net(seed)
-    reg = AdaptiveL2(net, FACTORS, adaptive=adaptive).double()
-    g = torch.Generator().manual_seed(50 + seed)
-    with torch.no_grad():
-        for t in reg.thetas:
-            t.copy_(torch.empty((), dtype=torch.float64).uniform_(-4, 4, generator=g))
+    net, reg, _ = _random_regularized_net(seed, adaptive, theta_seed=50 + seed)
     if seed % 2:  # a frozen first layer: no gradient for it or its thetas, the rest unchanged
         net[0].requires_grad_(False)
         net[1].requires_grad_(False)
