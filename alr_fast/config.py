@@ -25,7 +25,7 @@ LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOADERS = ("auto", "torch", "dali", "cache")
 METRICS = ("cosine", "euclidean", "sqeuclidean")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -140,7 +140,7 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     progress: bool = True
     plots: bool = True
-    compile: str = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = "auto"  # auto: reduce-overhead (CUDA graphs) on a GPU, none on a CPU | none | default | max-autotune
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps in the first epoch
     nvtx: bool = False  # named ranges (data, forward, backward, regularizer, optimizer, evaluation)
 
@@ -419,7 +419,8 @@ KEY_HELP = {
     "run.checkpoint_every": "epochs between checkpoints",
     "run.progress": "progress bars",
     "run.plots": "write plots into RUN/plots",
-    "run.compile": "none | default | reduce-overhead (CUDA graphs) | max-autotune",
+    "run.compile": "auto (reduce-overhead, i.e. the step captured in CUDA graphs, on a GPU; none on a CPU) | none "
+                   "(eager, capture off) | default | reduce-overhead | max-autotune",
     "run.profile_steps": "> 0: torch.profiler trace of that many steps",
     "run.nvtx": "NVTX ranges around data, forward, backward, regularizer, optimizer, evaluation",
 }

@@ -2,7 +2,9 @@
 
 ``Regions`` marks data, forward, backward, regularizer, optimizer and evaluation: as
 ``record_function`` labels (seen in torch.profiler traces) and, on a GPU, as NVTX ranges (seen in
-Nsight Systems). Disabled, it costs one attribute check per region.
+Nsight Systems). Disabled, it costs one attribute check per region. Inside code that torch.compile
+traces (the task's forward) a region is a no-op: NVTX calls would break the graph (and with it the
+CUDA-graph capture), and a marker traced once would not mark the replays anyway.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class Regions:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if not self.enabled:
+        if not self.enabled or torch.compiler.is_compiling():
             yield
             return
         with torch.profiler.record_function(name):

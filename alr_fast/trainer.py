@@ -38,7 +38,10 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # keys that may change when a run is resumed: they do not alter the schedule or the results
 RESUMABLE_OVERRIDES = {
     "data.root", "data.num_workers", "data.verify_images", "run.device", "run.progress", "run.log_every", "run.plots",
+    "run.compile",
 }
+# torch.compile modes that capture the step in CUDA graphs (cudagraph trees) on a GPU
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,6 +59,19 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_compile(name: str, device: torch.device) -> str:
+    """``run.compile``: auto captures the step in CUDA graphs on a GPU and stays eager on a CPU."""
+    if name == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "none"
+    return name
+
+
+def input_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype loaders hand images over in: the autocast dtype on a GPU (half the bytes of
+    float32, and no cast before the first convolution), float32 on a CPU."""
+    return AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+
+
 def autocast_context(device: torch.device, precision: str):
     """Autocast for bf16/fp16, nothing for fp32."""
     if precision == "fp32":
@@ -68,8 +84,12 @@ class Trainer:
 
     ``step_module`` is what the step calls: the task itself, wrapped in DistributedDataParallel
     when several processes train, and compiled (``compile_mode``; "reduce-overhead" captures the
-    step in CUDA graphs) when asked. DDP is rebuilt when the set of trainable parameters changes
-    (phase A -> B), since its gradient buckets are fixed at construction.
+    forward and backward in CUDA graphs) when asked. DDP is rebuilt when the set of trainable
+    parameters changes (phase A -> B), since its gradient buckets are fixed at construction.
+
+    Nothing in ``train_step`` waits for the device (tests/test_step_syncs.py): on a GPU the
+    optimizer is fused Adam, which takes the fp16 GradScaler's scale and inf flag as device
+    tensors, and the fused penalty's weight gradients are one multi-tensor op.
     """
 
     def __init__(
@@ -87,7 +107,7 @@ class Trainer:
             raise ValueError(f"precision must be fp32, bf16 or fp16; got {precision!r}")
         self.task, self.optimizer, self.device, self.precision = task, optimizer, device, precision
         self.dist = dist_env or DistEnv()
-        self.compile_mode = compile_mode
+        self.compile_mode = resolve_compile(compile_mode, device)
         self.regions = regions or Regions(False)
         task.regions = self.regions
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -104,7 +124,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = DistributedDataParallel(module, device_ids=ids)
+            # gradients are views into the all-reduce buckets: no copy in or out of them per step
+            module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
         if self.compile_mode != "none":
             module = torch.compile(module, mode=None if self.compile_mode == "default" else self.compile_mode)
         self.step_module = module
@@ -119,11 +140,16 @@ class Trainer:
         return autocast_context(self.device, self.precision)
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        """batch = (images [B,3,H,W], labels [B], camids [B]) -> detached losses on the device."""
+        """batch = (images [B,3,H,W], labels [B], camids [B]) -> detached losses on the device
+        (0-d views of one fresh tensor, which later steps do not overwrite)."""
         images, labels, _ = batch
+        # free the last step's gradients before the forward: they would add a copy of the
+        # parameters to the activation peak
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # a new generation: the graphs may reuse last step's outputs
         with self.regions("forward"), self.autocast():
             losses = self.step_module(images, labels)
-        self.optimizer.zero_grad(set_to_none=True)
         with self.regions("backward"):
             self.scaler.scale(losses["total"]).backward()
         reg = self.task.regularizer
@@ -134,7 +160,9 @@ class Trainer:
         with self.regions("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return {k: v.detach() for k, v in losses.items()}
+        # one copy out of the CUDA-graph pool, whose memory the next replay reuses
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        return dict(zip(losses, values.unbind()))
 
 
 def build_optimizer(task: torch.nn.Module, optim, device: torch.device) -> torch.optim.Adam:
@@ -222,21 +250,24 @@ class _LossMeter:
 
     def __init__(self, env: DistEnv) -> None:
         self.env = env
-        self.sums: dict[str, torch.Tensor] = {}
+        self.keys: list[str] = []
+        self.sums: torch.Tensor | None = None  # [len(keys)], on the device
         self.count = 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        values = torch.stack([v.float() for v in losses.values()])  # two launches, not two per loss
+        if self.sums is None:
+            self.keys, self.sums = list(losses), values
+        else:
+            self.sums += values
         self.count += 1
 
     def read(self) -> dict[str, float]:
         if not self.count:
             return {}
-        keys = list(self.sums)
-        stacked = all_reduce_mean(torch.stack([self.sums[k].float() for k in keys]) / self.count, self.env)
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, stacked.tolist()))  # host sync
+        mean = all_reduce_mean(self.sums / self.count, self.env)
+        keys, self.sums, self.count = self.keys, None, 0
+        return dict(zip(keys, mean.tolist()))  # host sync
 
 
 def _checkpoint_state(run: "_Run", next_index: int) -> dict:
@@ -318,9 +349,7 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
         device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"
-    # loaders hand over images in the autocast dtype on a GPU (half the bytes of float32)
-    in_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
-    data = build_data(cfg, device=device, dtype=in_dtype, channels_last=channels_last,
+    data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                       progress=cfg.run.progress and main, dist_env=env)
     if not resume:
         if main:
@@ -329,7 +358,8 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
             atomic_write_bytes(run_path / CONFIG, dump_config(cfg).encode())
             logger.info("new run in %s: %s", run_path, data.dataset.summary())
         barrier(env)
-    logger.info("device %s, precision %s, %d process(es), torch %s", device, precision, env.world_size, torch.__version__)
+    logger.info("device %s, precision %s, compile %s, %d process(es), torch %s", device, precision,
+                resolve_compile(cfg.run.compile, device), env.world_size, torch.__version__)
     task = build_task(cfg, data.num_classes).to(device)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
@@ -512,9 +542,13 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
     )
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
-    data = build_data(cfg, device=device, train=False, progress=cfg.run.progress)
+    channels_last = cfg.run.channels_last and device.type == "cuda"  # as in training
+    data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
+                      train=False, progress=cfg.run.progress)
     task = build_task(cfg, int(state["num_classes"])).to(device)
     task.load_state_dict(state["task"])
+    if channels_last:
+        task.model.to(memory_format=torch.channels_last)
     results = evaluate_splits(task, data.eval_loaders, cfg, lambda: autocast_context(device, precision),
                               cfg.run.progress, splits=["test"])
     m, (q, g) = results["test"]

@@ -15,6 +15,7 @@ that percentiles mean something; throughput is steps*batch/total time.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from alr_fast.bench.common import DEFAULT_OUT, bar_plot, environment, result_path, time_steps, write_result
 from alr_fast.config import load_config
-from alr_fast.trainer import Trainer, build_optimizer, resolve_device, resolve_precision
+from alr_fast.trainer import Trainer, build_optimizer, input_dtype, resolve_device, resolve_precision
 
 MODES = ("eager_no_penalty", "eager_reference", "eager_fused", "captured", "dali", "torch_loader")
 
@@ -79,9 +80,10 @@ def _make_trainer(cfg, num_classes: int, device: torch.device, penalty: bool, co
     return trainer
 
 
-def _resident_batch(args, device: torch.device, channels_last: bool):
+def _resident_batch(args, device: torch.device, dtype: torch.dtype, channels_last: bool):
+    """One batch on the device, in the dtype and layout the loaders hand over."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.P * args.K, 3, args.height, args.width, generator=g).to(device)
+    images = torch.randn(args.P * args.K, 3, args.height, args.width, generator=g).to(device, dtype)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(args.P).repeat_interleave(args.K).to(device)
@@ -94,15 +96,27 @@ def _loader_steps(loader):
         yield from loader
 
 
+def _release(device: torch.device) -> None:
+    """Drop the previous mode's model, compiled graphs and CUDA-graph pool, so that each mode's
+    peak memory is its own."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def run_mode(mode: str, args, device: torch.device, data_root: str) -> dict:
+    _release(device)
     capture = "none" if args.capture == "none" else ("reduce-overhead" if device.type == "cuda" else "default")
     compile_mode = capture if mode in ("captured", "dali", "torch_loader") else "none"
     penalty = "reference" if mode == "eager_reference" else "fused"
+    dtype = input_dtype(resolve_precision(args.precision, device), device)
     if mode in ("dali", "torch_loader"):
         from alr_fast.data import build_data
 
         cfg = _cfg(args, "dali" if mode == "dali" else "torch", data_root, penalty)
-        data = build_data(cfg, device=device, channels_last=device.type == "cuda", progress=False)
+        data = build_data(cfg, device=device, dtype=dtype, channels_last=device.type == "cuda", progress=False)
         trainer = _make_trainer(cfg, data.num_classes, device, True, compile_mode)
         stream = _loader_steps(data.train_loader)
 
@@ -111,15 +125,14 @@ def run_mode(mode: str, args, device: torch.device, data_root: str) -> dict:
     else:
         cfg = _cfg(args, "torch", data_root or ".", penalty)
         trainer = _make_trainer(cfg, args.classes, device, mode != "eager_no_penalty", compile_mode)
-        batch = _resident_batch(args, device, device.type == "cuda")
+        batch = _resident_batch(args, device, dtype, device.type == "cuda")
 
         def step():
             return trainer.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     stats = time_steps(step, device, args.steps, args.warmup)
     stats["images_per_s"] = args.steps * args.P * args.K / stats["total_s"]
     stats["compile_mode"] = compile_mode
+    stats["input_dtype"] = str(dtype).removeprefix("torch.")
     stats["penalty"] = penalty if mode != "eager_no_penalty" else None
     stats["regularized_tensors"] = len(trainer.task.regularizer) if trainer.task.regularizer is not None else 0
     if device.type == "cuda":

@@ -1,4 +1,5 @@
-"""--profile writes a trace with the named ranges; a compiled step gives the eager losses."""
+"""--profile writes a trace with the named ranges; a compiled step gives the eager losses; the
+named ranges stay out of the compiled graph; run.compile=auto captures on a GPU only."""
 import json
 
 import pytest
@@ -6,10 +7,11 @@ import torch
 
 from alr_fast.cli import main
 from alr_fast.model import ReidNet
+from alr_fast.profiling import Regions
 from alr_fast.regularizer import AdaptiveL2
 from alr_fast.synthetic import make_synthetic
 from alr_fast.task import ReidTask
-from alr_fast.trainer import Trainer, build_optimizer
+from alr_fast.trainer import Trainer, build_optimizer, input_dtype, resolve_compile
 
 FACTORS = dict(kernel=0.005, bias=0.005, gamma=0.005, beta=0.005)
 
@@ -29,6 +31,44 @@ def test_profile_flag_writes_trace_with_named_ranges(tmp_path):
         assert region in names, region
     assert "aten::_foreach_norm" in names  # the fused penalty: one multi-tensor norm
     assert (run / "profile" / "rank0" / "summary.txt").stat().st_size > 0
+
+
+def test_compiled_forward_is_one_graph_with_nvtx_ranges_on():
+    """With run.nvtx (or --profile) on a GPU, the task's "regularizer" range sits inside the
+    compiled forward: its NVTX calls must not split the graph (each piece would be its own CUDA
+    graph, with eager code between them)."""
+    try:
+        torch.cuda.nvtx.range_push("probe")
+        torch.cuda.nvtx.range_pop()
+    except RuntimeError:
+        pytest.skip("this torch build has no NVTX")
+    torch.manual_seed(0)
+    net = ReidNet(4, "resnet18")
+    task = ReidTask(net, AdaptiveL2(net, FACTORS))
+    task.regions = Regions(True)
+    task.regions.nvtx = True  # what a GPU machine sets
+    task.train()
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    images, labels = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    compiled = torch.compile(task, backend=count_graphs)(images, labels)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    eager = task(images, labels)
+    assert compiled["total"].item() == pytest.approx(eager["total"].item(), rel=1e-5)
+
+
+def test_compile_auto_captures_on_a_gpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", gpu) == "reduce-overhead" and resolve_compile("auto", cpu) == "none"
+    assert resolve_compile("none", gpu) == "none"  # the switch that turns capture off
+    assert input_dtype("bf16", gpu) == torch.bfloat16 and input_dtype("fp16", gpu) == torch.float16
+    assert input_dtype("fp32", gpu) == input_dtype("bf16", cpu) == torch.float32
 
 
 def _step_losses(compile_mode: str, steps: int = 3) -> list[dict]:
@@ -66,8 +106,8 @@ def test_compiled_step_gives_the_eager_losses():
 def test_cuda_graph_step_gives_the_eager_losses():
     def run(mode):
         torch.manual_seed(0)
-        net = ReidNet(4, "resnet18").cuda()
-        task = ReidTask(net, AdaptiveL2(net, FACTORS))
+        net = ReidNet(4, "resnet18")
+        task = ReidTask(net, AdaptiveL2(net, FACTORS)).cuda()  # the thetas too, not only the network
         opt = build_optimizer(task, type("O", (), dict(lr_base=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-7))(),
                               torch.device("cuda"))
         trainer = Trainer(task, opt, device=torch.device("cuda"), precision="fp32", compile_mode=mode)
