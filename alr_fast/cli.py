@@ -205,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"alr-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except compile_errors() as exc:
+        import traceback
+
+        traceback.print_exc()
+        print(
+            f"alr-fast {args.command}: error: torch.compile failed ({type(exc).__name__}). Train eagerly with "
+            f"run.compile=none (a run that has a checkpoint continues with --resume RUN run.compile=none).",
+            file=sys.stderr,
+        )
+        return 4
     except torch_oom() as exc:
         print(
             f"alr-fast {args.command}: error: the GPU ran out of memory ({exc}). Nothing was lost: the run "
@@ -224,6 +234,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runs import RunDirError
 
     return (ConfigError, DatasetError, CorruptImageError, RunDirError, PretrainedWeightsError, OSError, ImportError)
+
+
+def compile_errors() -> type[BaseException]:
+    """torch.compile's failures (dynamo, inductor, CUDA-graph capture) share one base class."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return TorchDynamoException
 
 
 def torch_oom() -> type[BaseException]:

@@ -206,3 +206,29 @@ def test_other_loader_backends_train_on_the_cpu(data_root, tmp_path, loader):
     first, other = runs["torch"][0], runs[loader][0]
     tol = 5e-3 if loader == "dali" else 1e-6  # DALI's resize differs by at most 1 grey level
     assert other["total"] == pytest.approx(first["total"], rel=tol)
+
+
+@pytest.mark.parametrize("error,code,says", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 3, "ran out of memory"),
+    (torch._dynamo.exc.TorchDynamoException("inductor failed"), 4, "run.compile=none"),
+])
+def test_step_failures_exit_with_advice_and_keep_the_checkpoint(data_root, tmp_path, monkeypatch, capsys,
+                                                                error, code, says):
+    """A GPU out of memory (exit 3) or a torch.compile failure (exit 4) mid-training ends with a
+    line that says what to do; the checkpoint of the finished epoch stays for --resume."""
+    from alr_fast.trainer import Trainer
+
+    real_step, calls = Trainer.train_step, []
+
+    def failing_step(self, batch):
+        calls.append(1)
+        if len(calls) > 3:  # epoch 0 (3 steps) completes and is checkpointed
+            raise error
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), f"data.root={data_root}", *TINY]) == code
+    err = capsys.readouterr().err
+    assert says in err.splitlines()[-1]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["next_index"] == 1
