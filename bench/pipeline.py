@@ -11,8 +11,9 @@ training step (``train``: total images/s), beside the step on a device-resident 
 them: on a GPU in the autocast dtype (bf16 by default) with channels_last strides, on a CPU in
 float32. All in one run on one device, written to
 ``bench/results/pipeline-<device>-<date>.json`` with the device name and torch/DALI/CUDA versions,
-plus a PNG plot. Every timed step ends with a device synchronisation (deliberate: it makes the
-latency percentiles meaningful); images/s = steps * batch / total time.
+plus a PNG plot. images/s = steps * batch / total time of steps run back to back (one device
+synchronisation at the end); the latency percentiles come from as many steps again, each
+synchronised (deliberately: it makes per-step latency measurable).
 
 Data: a synthetic Market-1501-layout set (real JPEGs, 128x64 like Market's crops) written to a
 temporary folder, or ``--data ROOT --dataset NAME`` for a real one. Runs on a CPU too (DALI's CPU
@@ -160,12 +161,12 @@ def run_loader(kind: str, modes: list[str], args, data, device, trainer) -> dict
     batch = args.P * args.K
     t0 = time.perf_counter()
     dtype = _input_dtype(args, device)
-    loader = _build_loader(kind, args, data, device, dtype, channels_last, args.warmup + args.steps)
+    loader = _build_loader(kind, args, data, device, dtype, channels_last, args.warmup + 2 * args.steps)
     out: dict = {"setup_s": time.perf_counter() - t0}
     if kind == "cache":
         out["cache_bytes"] = loader.nbytes
     for mode in modes:
-        batches = iter(loader)  # a fresh epoch of warmup + steps batches
+        batches = iter(loader)  # a fresh epoch: warmup, then steps pipelined and steps synchronised
 
         if mode == "loader":
             def step():

@@ -9,8 +9,9 @@
   torch_loader      (d)  the captured step fed end to end by the torch DataLoader reference pipeline
 
 all in one run, with ratios against each other, peak memory, a JSON file in bench/results/ that
-names the device and versions, and a bar plot. Every timed step is synchronised (deliberately) so
-that percentiles mean something; throughput is steps*batch/total time.
+names the device and versions, and a bar plot. Throughput is steps*batch/total time of steps run
+back to back, as in training (one synchronisation at the end); the step-time percentiles come
+from as many steps again, each synchronised (deliberately, so that they mean something).
 """
 from __future__ import annotations
 

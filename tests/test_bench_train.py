@@ -1,6 +1,8 @@
 """The training benchmark runs end to end on the CPU with tiny sizes and writes its JSON and plot."""
 import json
 
+import pytest
+
 from alr_fast.cli import main
 
 
@@ -25,3 +27,23 @@ def test_bench_train_smoke(tmp_path, capsys):
 def test_bench_rejects_unknown_mode(tmp_path, capsys):
     assert main(["bench", "train", "--modes", "warp", "--out", str(tmp_path)]) == 2
     assert "unknown mode" in capsys.readouterr().err
+
+
+def test_time_steps_pipelined_throughput_and_synced_percentiles():
+    import time
+
+    import torch
+
+    from alr_fast.bench.common import time_steps
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.002 if len(calls) % 2 else 0.001)
+
+    stats = time_steps(step, torch.device("cpu"), steps=6, warmup=2)
+    assert len(calls) == 2 + 2 * 6  # warmup, one pipelined pass, one synchronised pass
+    assert stats["steps"] == 6 and stats["mean_s"] == pytest.approx(stats["total_s"] / 6)
+    assert 0.001 <= stats["p50_s"] <= stats["p90_s"] <= stats["p99_s"] < 1.0
+    assert stats["total_s"] >= 6 * 0.001 and stats["synced_mean_s"] >= 0.001
