@@ -77,6 +77,11 @@ def write_result(path: Path, payload: dict) -> Path:
     return path
 
 
+def bar_label(value: float) -> str:
+    """A bar's value: thousands separated, three significant digits below 100 (CPU rates)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
     import matplotlib
 
@@ -86,7 +91,7 @@ def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4))
     bars = ax.bar(labels, values, color="tab:blue")
     for b, v in zip(bars, values):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.text(b.get_x() + b.get_width() / 2, v, bar_label(v), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alr_fast.bench.common import DEFAULT_OUT, environment, result_path, time_steps, write_result
+from alr_fast.bench.common import DEFAULT_OUT, bar_label, environment, result_path, time_steps, write_result
 
 LOADERS = ("torch", "dali", "dali_parallel", "cache")
 MODES = ("loader", "train")
@@ -196,7 +196,7 @@ def _plot(path: Path, results: dict, compute: dict | None, title: str) -> Path:
         xs = np.arange(len(kinds)) + (i - (len(modes) - 1) / 2) * width
         bars = ax.bar(xs, values, width, label="loader alone" if mode == "loader" else "feeding the training step")
         for b, v in zip(bars, values):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, v, bar_label(v), ha="center", va="bottom", fontsize=7)
     if compute:
         ax.axhline(compute["images_per_s"], color="k", ls="--", lw=1, label="training step alone (compute)")
     ax.set_xticks(np.arange(len(kinds)), kinds)
