@@ -170,9 +170,10 @@ def test_corrupt_jpeg_is_named(broken_copy, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # truncated
     assert main(["train", "--out", str(tmp_path / "r"), f"data.root={root}", *TINY]) == 2
     assert victim.name in capsys.readouterr().err
-    # with skip_corrupt the run goes on without it
-    assert main(["train", "--out", str(tmp_path / "r2"), f"data.root={root}", *TINY, "optim.epochs=0",
-                 "data.skip_corrupt=true", "run.plots=false"]) == 0
+    # with skip_corrupt the run goes on without it, with a warning that names it
+    with pytest.warns(UserWarning, match=f"(?s)skipping 1 of .*{victim.name}: truncated"):
+        assert main(["train", "--out", str(tmp_path / "r2"), f"data.root={root}", *TINY, "optim.epochs=0",
+                     "data.skip_corrupt=true", "run.plots=false"]) == 0
 
 
 def test_misnamed_file_is_named(broken_copy, tmp_path, capsys):
