@@ -57,7 +57,9 @@ def _apex_l2norm():
 
 def multi_tensor_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
     """sum(W^2) of every tensor, as one [n] tensor, with one fused multi-tensor norm."""
-    if tensors and tensors[0].is_cuda and tensors[0].dtype == torch.float32:
+    # apex's extension call is opaque to torch.compile (it would split the captured graph): there
+    # the traced _foreach_norm below is fused by inductor anyway
+    if tensors and tensors[0].is_cuda and tensors[0].dtype == torch.float32 and not torch.compiler.is_compiling():
         apex = _apex_l2norm()
         if apex is not None:
             amp_C, applier = apex
