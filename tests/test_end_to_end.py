@@ -164,6 +164,7 @@ def broken_copy(data_root, tmp_path):
     return root, root / "Market-1501-v15.09.15" / "bounding_box_train"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytest.warns re-emits torchvision's, unfiltered
 def test_corrupt_jpeg_is_named(broken_copy, tmp_path, capsys):
     root, train = broken_copy
     victim = sorted(train.glob("*.jpg"))[3]
