@@ -136,12 +136,10 @@ def _summary(stats: dict, batch: int) -> dict:
 
 
 def _input_dtype(args, device: torch.device) -> torch.dtype:
-    """The dtype the trainer takes its images in (as ``alr_fast.trainer.train`` builds its loaders)."""
-    from alr_fast.trainer import AUTOCAST_DTYPES, resolve_precision
+    """The dtype the trainer takes its images in (the rule ``alr_fast.trainer`` builds its loaders by)."""
+    from alr_fast.trainer import input_dtype, resolve_precision
 
-    if device.type != "cuda":
-        return torch.float32
-    return AUTOCAST_DTYPES.get(resolve_precision(args.precision, device), torch.float32)
+    return input_dtype(resolve_precision(args.precision, device), device)
 
 
 def _compute(args, trainer, device: torch.device) -> dict:
