@@ -1,4 +1,13 @@
-"""A non-editable ``pip install .`` into a clean virtual environment (SPEC A.2)."""
+"""A non-editable ``pip install .`` into a clean virtual environment (SPEC A.2).
+
+The child environment must see the same third-party packages as the interpreter running the
+tests, whether that is a virtual environment or the system one: ``--system-site-packages``
+would give the *base* interpreter's packages (none, in a fresh venv). So the child venv gets
+its own site-packages first and the outer interpreter's site-packages after it, through a
+``.pth`` file of plain paths (their own ``.pth`` files, such as an editable install of this
+project, are not executed).
+"""
+import site
 import subprocess
 import sys
 import sysconfig
@@ -9,39 +18,58 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(cmd, **kwargs) -> str:
+    """Run ``cmd``; on failure the assertion shows the child's stdout and stderr."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    )
+    return proc.stdout
+
+
+def _outer_site_dirs() -> list[str]:
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
+
+
+def _tracked_tree(dst: Path) -> int:
+    """Copy the files git tracks (nothing untracked: no .venv/, build/ or egg-info) to ``dst``."""
+    files = _run(["git", "-C", ROOT, "ls-files", "-z"]).split("\0")
+    count = 0
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():  # a tracked file deleted in the working tree is skipped
+            target = dst / f
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(src.read_bytes())
+            count += 1
+    return count
+
+
 @pytest.mark.slow
 def test_non_editable_install_keeps_folders_inside_the_namespace(tmp_path):
     venv = tmp_path / "venv"
-    # system site packages give torch without a 5 GB copy; the venv's own site-packages come first
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    _run([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
+    site_dir = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    outer = _outer_site_dirs()
+    assert site_dir not in map(Path, outer)
+    (site_dir / "_outer_env.pth").write_text("".join(f"{d}\n" for d in outer))
     build = tmp_path / "src"
-    # copy the tracked tree so a stale build/ or egg-info of the checkout cannot leak in
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        src = ROOT / f
-        if src.is_file():
-            dst = build / f
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(src.read_bytes())
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(build)],
-                   check=True, cwd=tmp_path)
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
-    assert site != Path(sysconfig.get_paths()["purelib"])
-    cu = sorted(p.name for p in (site / "alr_fast" / "kernels").glob("*.cu"))
+    assert _tracked_tree(build) > 0
+    _run([py, "-m", "pip", "install", "--no-deps", "-q", build], cwd=tmp_path)
+    cu = sorted(p.name for p in (site_dir / "alr_fast" / "kernels").glob("*.cu"))
     assert cu == sorted(p.name for p in (ROOT / "kernels").glob("*.cu")) and cu, cu  # kernel sources ship
     for bare in ("kernels", "pipelines", "bench", "configs"):
-        assert not (site / bare).exists(), f"a bare top-level '{bare}' was installed"
+        assert not (site_dir / bare).exists(), f"a bare top-level '{bare}' was installed"
     probe = (
         "import alr_fast, alr_fast.pipelines, alr_fast.kernels, alr_fast.bench, alr_fast.config as c;"
         "import alr_fast.kernels.reference, alr_fast.pipelines.sampler;"
         "print(alr_fast.kernels.__file__); print(len(c.bundled_config_names()))"
     )
-    out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path).stdout.split()
-    assert out[0].startswith(str(site)), out[0]
-    assert int(out[1]) == 10  # nine dataset x backbone recipes and quickstart
-    help_text = subprocess.run([str(venv / "bin" / "alr-fast"), "--help"], check=True, capture_output=True, text=True).stdout
+    out = _run([py, "-c", probe], cwd=tmp_path).split()
+    assert out[0].startswith(str(site_dir)), out[0]
+    assert int(out[1]) == len(list((ROOT / "configs").glob("*.yaml")))  # every bundled recipe ships
+    help_text = _run([venv / "bin" / "alr-fast", "--help"], cwd=tmp_path)
     for command in ("train", "evaluate", "make-synthetic", "quickstart"):
         assert command in help_text
