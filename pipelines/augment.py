@@ -169,5 +169,8 @@ def normalize(
     _check_images(images)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    x = images.to(torch.float32).div_(255)
+    # every divisor is a device tensor: CUDA turns a division by a Python scalar into a multiply
+    # by its reciprocal (126 of the 256 grey levels then differ by one ulp from the CPU's exact
+    # quotient), while a tensor divisor is an IEEE division on both devices
+    x = images.to(torch.float32).div_(torch.full((), 255.0, device=images.device))
     return x.sub_(mean_t).div_(std_t).to(dtype)

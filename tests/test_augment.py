@@ -174,6 +174,33 @@ def test_normalize_matches_torchvision():
         normalize(img[0])
 
 
+def test_normalize_divides_only_by_tensors():
+    """CUDA computes x / python_scalar as x * (1 / scalar), one ulp off the CPU's exact quotient for
+    126 grey levels; a tensor divisor is a true division on both devices, so the GPU cache and
+    loaders give the CPU's values. Recorded on the CPU: every division in normalize takes a tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    divisors = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.div_):
+                divisors.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    img = random_images(B=2, seed=3)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for m, s in ((IMAGENET_MEAN, IMAGENET_STD), (mean, std)):
+        with Record():
+            normalize(img, m, s)
+    assert len(divisors) == 4 and all(isinstance(d, torch.Tensor) for d in divisors), divisors
+    # all 256 grey levels: the same float32 as the exact quotient
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    expected = (levels.double() / 255 - mean.double()) / std.double()
+    torch.testing.assert_close(normalize(levels).double(), expected, atol=1e-6, rtol=0)
+
+
 def numpy_bilinear(src: np.ndarray, H: int, W: int) -> np.ndarray:
     """cv2 INTER_LINEAR semantics: half-pixel centres, edge clamping, float math, round."""
     h, w = src.shape[:2]
