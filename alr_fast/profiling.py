@@ -14,24 +14,36 @@ from pathlib import Path
 import torch
 
 
+class _Range:
+    """One named range: a ``record_function`` label and, on a GPU, an NVTX range."""
+
+    def __init__(self, name: str, nvtx: bool) -> None:
+        self.name, self.nvtx = name, nvtx
+        self.record = torch.profiler.record_function(name)
+
+    def __enter__(self) -> None:
+        self.record.__enter__()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc) -> None:
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        self.record.__exit__(*exc)
+
+
 class Regions:
     def __init__(self, enabled: bool = False) -> None:
         self.enabled = enabled
         self.nvtx = enabled and torch.cuda.is_available()
 
-    @contextlib.contextmanager
     def __call__(self, name: str):
+        # a plain function returning nullcontext while dynamo traces: no generator-based context
+        # manager for dynamo to inline, which older torch releases could only trace by breaking
+        # the graph
         if not self.enabled or torch.compiler.is_compiling():
-            yield
-            return
-        with torch.profiler.record_function(name):
-            if self.nvtx:
-                torch.cuda.nvtx.range_push(name)
-            try:
-                yield
-            finally:
-                if self.nvtx:
-                    torch.cuda.nvtx.range_pop()
+            return contextlib.nullcontext()
+        return _Range(name, self.nvtx)
 
 
 def step_profiler(out_dir: Path, active_steps: int, warmup_steps: int = 2):

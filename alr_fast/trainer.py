@@ -40,8 +40,10 @@ RESUMABLE_OVERRIDES = {
     "data.root", "data.num_workers", "data.verify_images", "run.device", "run.progress", "run.log_every", "run.plots",
     "run.compile",
 }
-# torch.compile modes that capture the step in CUDA graphs (cudagraph trees) on a GPU
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# torch.compile modes that capture the step in CUDA graphs (cudagraph trees) on a GPU:
+# "cudagraphs" records the eager ATen kernels (no Inductor codegen: it compiles in seconds),
+# "reduce-overhead" / "max-autotune" capture Inductor's fused kernels (minutes of compilation)
+CUDA_GRAPH_MODES = ("cudagraphs", "reduce-overhead", "max-autotune")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +66,37 @@ def resolve_compile(name: str, device: torch.device) -> str:
     if name == "auto":
         return "reduce-overhead" if device.type == "cuda" else "none"
     return name
+
+
+def configure_cuda_math(precision: str) -> None:
+    """cuDNN autotuning for the fixed training shapes, and fp32 that really is fp32 (no TF32 in
+    matmuls or convolutions, as the seed computes). Mixed precision keeps torch's defaults for the
+    few float32 ops outside autocast. Process-wide settings, as cuDNN and cuBLAS have them."""
+    torch.backends.cudnn.benchmark = True
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """No TF32 inside the block (e.g. an fp32 evaluation after bf16 training), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compile_module(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``run.compile`` -> the wrapped module: cudagraphs is torch.compile's CUDA-graph backend over
+    AOT-autograd graphs of eager kernels; default / reduce-overhead / max-autotune go through Inductor."""
+    if mode == "none":
+        return module
+    if mode == "cudagraphs":
+        return torch.compile(module, backend="cudagraphs")
+    return torch.compile(module, mode=None if mode == "default" else mode)
 
 
 def input_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -110,6 +143,8 @@ class Trainer:
         self.compile_mode = resolve_compile(compile_mode, device)
         self.regions = regions or Regions(False)
         task.regions = self.regions
+        if device.type == "cuda":
+            configure_cuda_math(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._one = torch.ones((), device=device)
         reg = task.regularizer
@@ -126,9 +161,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # gradients are views into the all-reduce buckets: no copy in or out of them per step
             module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
-        if self.compile_mode != "none":
-            module = torch.compile(module, mode=None if self.compile_mode == "default" else self.compile_mode)
-        self.step_module = module
+        self.step_module = compile_module(module, self.compile_mode)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         changed = self.task.model.backbone_frozen != frozen

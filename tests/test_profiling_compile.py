@@ -11,7 +11,7 @@ from alr_fast.profiling import Regions
 from alr_fast.regularizer import AdaptiveL2
 from alr_fast.synthetic import make_synthetic
 from alr_fast.task import ReidTask
-from alr_fast.trainer import Trainer, build_optimizer, input_dtype, resolve_compile
+from alr_fast.trainer import Trainer, build_optimizer, configure_cuda_math, input_dtype, resolve_compile, strict_fp32
 
 FACTORS = dict(kernel=0.005, bias=0.005, gamma=0.005, beta=0.005)
 
@@ -102,8 +102,46 @@ def test_compiled_step_gives_the_eager_losses():
         assert a["regularization"] == pytest.approx(b["regularization"], rel=1e-5)
 
 
+def test_cudagraphs_mode_compiles_one_graph_and_gives_the_eager_losses():
+    """run.compile=cudagraphs: AOT-autograd graphs of the eager kernels (no Inductor), so it builds
+    in seconds; on a CPU the backend skips the capture itself and runs the same graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _step_losses("none")
+    captured = _step_losses("cudagraphs")
+    assert counters["stats"]["unique_graphs"] == 1  # forward + backward in one dynamo graph
+    assert counters["inductor"]["cudagraph_skips"] == 1  # on a CPU: "skipping cudagraphs due to cpu device"
+    torch._dynamo.reset()
+    for a, b in zip(captured, eager):
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+
+
+def test_cuda_math_settings_for_fp32_and_mixed_precision():
+    """fp32 training is fp32 as in the seed (no TF32 in cuBLAS or cuDNN), cuDNN autotunes the fixed
+    training shapes; strict_fp32 turns TF32 off for a block (an fp32 evaluation) and restores it."""
+    b = torch.backends
+    saved = b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+    try:
+        b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = False, True, True
+        configure_cuda_math("bf16")
+        assert b.cudnn.benchmark and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32  # torch's defaults kept
+        with strict_fp32():
+            assert not b.cuda.matmul.allow_tf32 and not b.cudnn.allow_tf32
+        assert b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
+        configure_cuda_math("fp32")
+        assert b.cudnn.benchmark and not b.cuda.matmul.allow_tf32 and not b.cudnn.allow_tf32
+    finally:
+        b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.gpu
-def test_cuda_graph_step_gives_the_eager_losses():
+@pytest.mark.parametrize("mode", ["cudagraphs", "reduce-overhead"])
+def test_cuda_graph_step_gives_the_eager_losses(mode):
+    from torch._dynamo.utils import counters
+
     def run(mode):
         torch.manual_seed(0)
         net = ReidNet(4, "resnet18")
@@ -119,7 +157,11 @@ def test_cuda_graph_step_gives_the_eager_losses():
             losses.append(float(trainer.train_step(batch)["total"]))
         return losses
 
-    assert run("reduce-overhead") == pytest.approx(run("none"), rel=1e-3)
+    torch._dynamo.reset()
+    counters.clear()
+    captured = run(mode)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert captured == pytest.approx(run("none"), rel=1e-3)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
