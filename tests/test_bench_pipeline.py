@@ -29,18 +29,29 @@ def test_bench_pipeline_writes_json_and_plot(tmp_path, capsys):
     assert result["batch_size"] == 4 and result["dataset"]["images"] > 4 and result["dataset"]["identities"] == 4
     compute = result["compute"]
     assert compute["images_per_s"] > 0 and compute["steps"] == 2
+    assert result["args"]["steps"] == 2 and result["args"]["out"] == str(tmp_path)
     assert set(result["results"]) == {"torch", "dali", "dali_parallel", "cache"}
     timed = ["torch", "cache"] + (["dali", "dali_parallel"] if HAS_DALI else [])
     for kind in timed:
         r = result["results"][kind]
+        depth = {"torch": 0, "cache": 0}.get(kind, 2)  # no DataLoader workers here; DALI's prefetch queue is 2
+        assert r["in_flight_batches"] == depth and r["warmup_batches"] == 1 + depth
         for mode in ("loader", "train"):
-            assert r[mode]["images_per_s"] > 0 and r[mode]["steps"] == 2
+            # batches made ahead are drained untimed, and at least 4x as many timed as are in flight
+            assert r[mode]["images_per_s"] > 0 and r[mode]["steps"] == max(2, 4 * depth)
             lat = r[mode]["latency_ms"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
         assert r["train"]["fraction_of_compute"] == pytest.approx(r["train"]["images_per_s"] / compute["images_per_s"])
     assert result["results"]["cache"]["cache_bytes"] == result["dataset"]["images"] * 32 * 16 * 3
     if not HAS_DALI:
         assert "pip install nvidia-dali-cuda130" in result["results"]["dali"]["skipped"]
+
+
+def test_in_flight_batches_of_each_loader():
+    args = bench_pipeline._parser().parse_args(["--workers", "8"])
+    assert bench_pipeline.in_flight_batches("torch", args) == 16  # 8 workers x prefetch factor 2
+    assert bench_pipeline.in_flight_batches("dali", args) == bench_pipeline.in_flight_batches("dali_parallel", args) == 2
+    assert bench_pipeline.in_flight_batches("cache", args) == 0
 
 
 def test_bench_pipeline_rejects_unknown_loader(tmp_path):
