@@ -13,8 +13,8 @@ random structured features on the device (identities x cameras, pid-0 distractor
    each call (CuPy memory pool high-water mark, inputs included and beyond them),
 4. writes ``kernels-<device>-<date>.json`` (device, versions, peaks, rows, targets) and a PNG.
 
-Without a GPU it says so and exits with status 2; ``--reference-only`` times just the NumPy
-reference (on CPU) for the chosen scales, e.g. as a smoke test.
+Without a usable GPU it says so and times just the NumPy reference at CPU sizes (the smoke and
+Market scales; ``--reference-only`` asks for that on any machine).
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ import dataclasses
 import datetime
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from alr_fast.bench.common import add_out_argument, json_value, result_path
 from alr_fast.kernels import gpu, reference
 
 TARGETS_S = {  # issue targets on one H100
@@ -58,14 +58,16 @@ SCALES = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alr-fast bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scales", default="market,msmt17", help="comma list of: " + ", ".join(SCALES))
+    p.add_argument("--scales", default=None, help="comma list of: " + ", ".join(SCALES) + " (default market,msmt17 "
+                   "on a GPU; smoke,market of the reference alone on a CPU)")
     p.add_argument("--dim", type=int, default=4096, help="feature dimension (default 4096)")
     p.add_argument("--repeat", type=int, default=5, help="timed GPU runs per kernel (median)")
     p.add_argument("--ref-queries", type=int, default=128, help="query rows of the reference subset")
     p.add_argument("--ref-rerank", default="300x1500", help="QxG of the re-ranking reference subset")
     p.add_argument("--no-rerank", action="store_true", help="skip re-ranking")
-    p.add_argument("--reference-only", action="store_true", help="time only the NumPy reference (CPU)")
-    p.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where JSON and PNG go")
+    p.add_argument("--reference-only", action="store_true", help="time only the NumPy reference (CPU); the "
+                   "default without a usable GPU")
+    add_out_argument(p)
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -315,17 +317,11 @@ def environment(cp) -> dict:
             "total_memory_bytes": int(props["totalGlobalMem"]), "versions": env}
 
 
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def write_results(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # date and time, as the other benchmarks do: a second run the same day must not overwrite the first
-    stamp = report["date"].replace("-", "").replace(":", "").replace("T", "-")
-    stem = f"kernels-{device_slug(report['device'])}-{stamp}"
-    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-    json_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    json_path = result_path(Path(out_dir), "kernels", {"device_name": report["device"]})
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    png_path = json_path.with_suffix(".png")
+    json_path.write_text(json.dumps(json_value(report), indent=2) + "\n", encoding="utf-8")
     plot_results(report, png_path)
     return json_path, png_path
 
@@ -361,19 +357,26 @@ def plot_results(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    scales = [SCALES[s] for s in args.scales.split(",") if s]
     cp, reason = (None, "") if args.reference_only else gpu_status()
-    if not args.reference_only and cp is None:
-        print(f"bench kernels: needs a CUDA GPU: {reason}. Run with --reference-only to time just "
-              "the NumPy reference.", file=sys.stderr)
+    if cp is None and not args.reference_only:
+        print(f"bench kernels: no usable GPU ({reason}): timing the NumPy reference alone, at CPU sizes unless "
+              "--scales is given", file=sys.stderr)
+        args.reference_only = True
+    if args.scales is None:
+        args.scales = "smoke,market" if cp is None else "market,msmt17"
+    unknown = [s for s in args.scales.split(",") if s and s not in SCALES]
+    if unknown:
+        print(f"bench kernels: unknown scale(s) {', '.join(unknown)}; choose from {', '.join(SCALES)}", file=sys.stderr)
         return 2
+    scales = [SCALES[s] for s in args.scales.split(",") if s]
     report = {**environment(cp), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "args": {k: str(v) for k, v in vars(args).items()},
+              "args": vars(args),
               "targets_s": {f"{a}/{b}": v for (a, b), v in TARGETS_S.items()}}
     if cp is not None:
         report["peaks"] = measure_peaks(cp)
     results = []
     for scale in scales:
+        print(f"bench kernels: {scale.name} ({scale.num_query} x {scale.num_gallery}) ...", file=sys.stderr, flush=True)
         if cp is None:
             split_host = make_split(np, scale, args.dim, args.seed)
             results += bench_reference(split_host, scale, args)
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         del split
         cp.get_default_memory_pool().free_all_blocks()
     report["results"] = results
-    json_path, png_path = write_results(report, args.out_dir)
+    json_path, png_path = write_results(report, args.out)
     for r in results:
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items() if k not in ("shape",)}
         print(json.dumps(shown))

@@ -3,6 +3,7 @@ GPU branch's bookkeeping driven through a NumPy stand-in for CuPy and the NumPy 
 from __future__ import annotations
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -19,20 +20,29 @@ def test_help_exits_zero(capsys):
     assert exc.value.code == 0 and "--reference-only" in capsys.readouterr().out
 
 
-def test_without_gpu_says_so_and_exits_non_zero(monkeypatch, tmp_path, capsys):
+def test_without_gpu_says_so_and_times_the_reference(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "gpu_status", lambda: (None, "no CUDA device found"))
-    assert bench.main(["--scales", "smoke", "--out-dir", str(tmp_path)]) == 2
-    assert "needs a CUDA GPU: no CUDA device found" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    assert bench.main(["--scales", "smoke", "--dim", "16", "--ref-queries", "25", "--ref-rerank", "20x90",
+                       "--out", str(tmp_path)]) == 0
+    assert "no usable GPU (no CUDA device found): timing the NumPy reference alone" in capsys.readouterr().err
+    (json_path,) = tmp_path.glob("kernels-cpu-*.json")
+    assert json.loads(json_path.read_text())["args"]["reference_only"] is True
+
+
+def test_unknown_scale_is_refused(tmp_path, capsys):
+    assert bench.main(["--reference-only", "--scales", "smoke,huge", "--out", str(tmp_path)]) == 2
+    assert "unknown scale(s) huge" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_reference_only_writes_json_and_plot(tmp_path):
     assert bench.main(["--reference-only", "--scales", "smoke", "--dim", "16", "--ref-queries", "25",
-                       "--ref-rerank", "20x90", "--out-dir", str(tmp_path)]) == 0
+                       "--ref-rerank", "20x90", "--out", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("kernels-cpu-*.json")
     assert json_path.with_suffix(".png").stat().st_size > 1000
     report = json.loads(json_path.read_text())
     assert report["device"] == "cpu" and report["versions"]["numpy"] == np.__version__
+    # arguments stored as JSON numbers, booleans and text, not their str()
+    assert report["args"]["dim"] == 16 and report["args"]["no_rerank"] is False and report["args"]["out"] == str(tmp_path)
     rows = {r["kernel"]: r for r in report["results"]}
     assert set(rows) == {"distmat", "ranking", "rerank"}
     assert rows["ranking"]["ref_subset"] == "25 queries x 300"
@@ -86,5 +96,6 @@ def test_gpu_branch_rows_validate_and_merge(tmp_path):
     assert ranking["speedup_vs_reference"] == pytest.approx(ranking["ref_extrapolated_s"] / ranking["gpu_s"])
     report = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-02T03:04:05", "results": merged}
     json_path, png_path = bench.write_results(report, tmp_path)
-    assert json_path.name == "kernels-nvidia-h100-80gb-hbm3-20260102-030405.json" and png_path.exists()
+    # the naming rule of every benchmark: <kind>-<device>-<date>-<time>
+    assert re.fullmatch(r"kernels-nvidia-h100-80gb-hbm3-\d{8}-\d{6}\.json", json_path.name) and png_path.exists()
     assert json.loads(json_path.read_text())["results"][0]["scale"] == "smoke"
