@@ -74,17 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cfg(args, loader: str, root: str, penalty: str):
+def bench_config(args, loader: str, root: str, penalty: str):
+    """The Config of a benchmark run from its size arguments (random init, no evaluation)."""
     return load_config(None, [
         f"data.root={root}", f"data.loader={loader}", f"data.height={args.height}", f"data.width={args.width}",
-        f"data.identities_per_batch={args.P}", f"data.images_per_identity={args.K}", f"data.num_workers={args.workers}",
+        f"data.identities_per_batch={args.P}", f"data.images_per_identity={args.K}", f"data.num_workers={getattr(args, 'workers', 0)}",
         f"model.backbone={args.backbone}", "model.pretrained=none", f"regularizer.implementation={penalty}",
         f"run.precision={args.precision}", f"run.device={args.device}", "run.progress=false", "data.testing_size=0",
         "data.steps_per_epoch=100000",
     ])
 
 
-def _make_trainer(cfg, num_classes: int, device: torch.device, penalty: bool, compile_mode: str) -> Trainer:
+def make_trainer(cfg, num_classes: int, device: torch.device, penalty: bool, compile_mode: str) -> Trainer:
+    """A seeded task (channels_last on a GPU) in training mode and its Trainer."""
     from alr_fast.task import build_task
 
     torch.manual_seed(0)
@@ -100,9 +102,9 @@ def _make_trainer(cfg, num_classes: int, device: torch.device, penalty: bool, co
     return trainer
 
 
-def _resident_batch(args, device: torch.device, dtype: torch.dtype, channels_last: bool):
-    """One batch on the device, in the dtype and layout the loaders hand over."""
-    g = torch.Generator().manual_seed(0)
+def resident_batch(args, device: torch.device, dtype: torch.dtype, channels_last: bool, seed: int = 0):
+    """One P x K batch on the device, in the dtype and layout the loaders hand over."""
+    g = torch.Generator().manual_seed(seed)
     images = torch.randn(args.P * args.K, 3, args.height, args.width, generator=g).to(device, dtype)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -143,17 +145,17 @@ def run_mode(mode: str, args, device: torch.device, data_root: str) -> dict:
     if mode in ("dali", "torch_loader"):
         from alr_fast.data import build_data
 
-        cfg = _cfg(args, "dali" if mode == "dali" else "torch", data_root, penalty)
+        cfg = bench_config(args, "dali" if mode == "dali" else "torch", data_root, penalty)
         data = build_data(cfg, device=device, dtype=dtype, channels_last=device.type == "cuda", progress=False)
-        trainer = _make_trainer(cfg, data.num_classes, device, True, compile_mode)
+        trainer = make_trainer(cfg, data.num_classes, device, True, compile_mode)
         stream = _loader_steps(data.train_loader)
 
         def step():
             return trainer.train_step(next(stream))
     else:
-        cfg = _cfg(args, "torch", data_root or ".", penalty)
-        trainer = _make_trainer(cfg, args.classes, device, mode != "eager_no_penalty", compile_mode)
-        batch = _resident_batch(args, device, dtype, device.type == "cuda")
+        cfg = bench_config(args, "torch", data_root or ".", penalty)
+        trainer = make_trainer(cfg, args.classes, device, mode != "eager_no_penalty", compile_mode)
+        batch = resident_batch(args, device, dtype, device.type == "cuda")
 
         def step():
             return trainer.train_step(batch)
