@@ -56,6 +56,17 @@ def grey_levels(images: torch.Tensor) -> torch.Tensor:
     return images.float().cpu() * (255 * STD) + 255 * MEAN
 
 
+def check_decode_difference(what: str, diff: torch.Tensor, max_allowed: float, mean_allowed: float = 1.0) -> None:
+    """Print the figures first, then assert: GPU_DECODE_TOLERANCE is an estimate (nvJPEG / the
+    hardware decoder against libjpeg-turbo), so the first GPU run must measure it, not fail blind."""
+    d = diff.float().flatten()
+    q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], torch.tensor([0.5, 0.99, 0.999])).tolist()
+    print(f"decode difference {what}: max {d.max().item():.3f}, mean {d.mean().item():.4f}, p50 {q[0]:.3f}, "
+          f"p99 {q[1]:.3f}, p99.9 {q[2]:.3f}, > 1 grey level {(d > 1).float().mean().item():.2%} "
+          f"(allowed: max {max_allowed}, mean {mean_allowed})")
+    assert d.max().item() <= max_allowed and d.mean().item() < mean_allowed, what
+
+
 
 
 
@@ -466,8 +477,8 @@ def test_gpu_train_loader_matches_cpu_mode(dataset, dtype):
             assert y.is_cuda and q.is_cuda and d.is_cuda and y.dtype == dtype and y.shape == x.shape
             assert y.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(p, q.cpu()) and torch.equal(c, d.cpu())
-            diff = (grey_levels(x) - grey_levels(y)).abs()
-            assert diff.max().item() <= GPU_DECODE_TOLERANCE + rounding and diff.mean().item() < 1.0
+            check_decode_difference(f"train loader {dtype}", (grey_levels(x) - grey_levels(y)).abs(),
+                                    GPU_DECODE_TOLERANCE + rounding)
 
 
 @pytest.mark.gpu
@@ -477,7 +488,7 @@ def test_gpu_parallel_source_spawn_matches(dataset):
     (got,) = run_epochs(make_train(DaliTrainLoader, dataset, num_workers=2, **kw), 1)  # spawned workers
     for (x, p, c), (y, q, d) in zip(got, expected[0]):
         assert torch.equal(p, q) and torch.equal(c, d)
-        assert (grey_levels(x) - grey_levels(y)).abs().max().item() <= GPU_DECODE_TOLERANCE
+        check_decode_difference("parallel source", (grey_levels(x) - grey_levels(y)).abs(), GPU_DECODE_TOLERANCE)
 
 
 @pytest.mark.gpu
@@ -488,11 +499,12 @@ def test_gpu_eval_loader_and_cache(dataset):
     batches = list(loader)
     assert all(b[0].is_cuda and b[1].is_cuda for b in batches)
     diff = (grey_levels(torch.cat([b[0] for b in batches])) - grey_levels(cpu)).abs()
-    assert diff.max().item() <= GPU_DECODE_TOLERANCE and diff.mean().item() < 1.0
+    check_decode_difference("eval loader", diff, GPU_DECODE_TOLERANCE)
     cache = decode_store_dali(store, H, W, device_id=0)
     assert cache.is_cuda
     diff = (cache.cpu().int() - decode_store_dali(store, H, W).int()).abs()
-    assert diff.max().item() <= GPU_DECODE_TOLERANCE and diff.float().mean().item() < 1.0
+    check_decode_difference("decode-once cache, GPU vs CPU operators", diff, GPU_DECODE_TOLERANCE)
     cached = make_train(DecodedCacheTrainLoader, dataset, device="cuda", decoder="dali")
     assert cached.cache.is_cuda
-    assert (cached.cache.int() - cache.int()).abs().max().item() <= GPU_DECODE_TOLERANCE
+    check_decode_difference("cache loader vs decode_store_dali", (cached.cache.int() - cache.int()).abs(),
+                            GPU_DECODE_TOLERANCE)
