@@ -18,17 +18,22 @@ names with or without ``:0``; TF's numeric suffixes on layer names (``conv1_conv
 lists split into ``weight_names0``, ``weight_names1``, ... by Keras' HDF5 header limit.
 
 Layer matching. Backbone layers are found by their Keras names (``conv4_block6_2_conv``). The two
-conv5 copies have the same layer names and differ only by their group (and suffix): the global
-copy is the group whose name says ``global``, else the first in the file's layer order (the
-seed builds and applies the global branch first); the other is the regional copy. A notop file
-has one conv5, loaded into both. Heads are recognised by their weights, in the file's layer
-order: 4-D kernels are the stripe convs (stripe order), layers with moving statistics the BN
-necks (the global branch's, which is wider, first), 2-D kernels the classifiers (likewise).
+conv5 copies have the same layer names and differ only by their group (and suffix). The global
+copy is the one whose output feeds a GlobalAveragePooling2D in the file's ``model_config`` graph
+(the regional copy feeds the stripe slices); without a usable graph, the group whose name says
+``global``, else the group created first (natural order of the names, ``model_4`` before
+``model_5``: the seed replicates the global copy first). Not the layer order: Keras sorts layers
+by depth, which puts the regional copy, on the longer path, first. A notop file has one conv5,
+loaded into both. Heads are recognised by their weights and ordered by creation (natural order of
+their group names, ``dense_3`` < ``dense_4``; the seed builds the global branch, then stripe 1,
+2, ...): 4-D kernels are the stripe convs, layers with moving statistics the BN necks (the
+global branch's, which is wider, first), 2-D kernels the classifiers (likewise).
 Conversions: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), BN gamma / beta /
 moving mean / moving variance -> weight / bias / running_mean / running_var.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +114,10 @@ def _parse_weight_name(group: str, name: str) -> tuple[str, str, bool] | None:
     return _SUFFIX.sub("", layer), parts[-1], False
 
 
-def read_keras_h5(path: str | Path) -> list[KerasWeight]:
-    """Every weight of a Keras HDF5 file (weights-only or a whole saved model), in layer order."""
+def read_keras_h5(path: str | Path, values: bool = True) -> list[KerasWeight]:
+    """Every weight of a Keras HDF5 file (weights-only or a whole saved model), in layer order.
+
+    values=False reads only the shapes (each value is a zero-stride array of that shape)."""
     h5py = _h5py()
     path = Path(path).expanduser()
     if not path.is_file():
@@ -136,13 +143,56 @@ def read_keras_h5(path: str | Path) -> list[KerasWeight]:
                 if name not in g:
                     raise KerasWeightsError(f"{path}: weight '{group}/{name}' is listed but missing")
                 layer, kind, theta = parsed
-                out.append(KerasWeight(group, layer, kind, theta, f"{group}/{name}", np.asarray(g[name][()])))
+                data = g[name]
+                value = np.asarray(data[()]) if values else np.broadcast_to(np.float32(0), data.shape)
+                out.append(KerasWeight(group, layer, kind, theta, f"{group}/{name}", value))
     return out
+
+
+def _inbound_names(nodes):
+    """Layer names a layer's ``inbound_nodes`` refer to, in the Keras 2 (``[[name, i, j, {}]]``)
+    or Keras 3 (``{"keras_history": [name, i, j]}``) spelling."""
+    if isinstance(nodes, dict):
+        if "keras_history" in nodes:
+            yield nodes["keras_history"][0]
+        else:
+            for v in nodes.values():
+                yield from _inbound_names(v)
+    elif isinstance(nodes, list):
+        if len(nodes) >= 3 and isinstance(nodes[0], str) and isinstance(nodes[1], int):
+            yield nodes[0]
+        else:
+            for v in nodes:
+                yield from _inbound_names(v)
+
+
+def read_keras_consumers(path: str | Path) -> dict[str, list[str]] | None:
+    """Top-level layer name -> class names of the layers that take its output, from the file's
+    ``model_config``; None for a weights-only file or a graph this cannot read."""
+    h5py = _h5py()
+    with h5py.File(Path(path).expanduser(), "r") as f:
+        raw = f.attrs.get("model_config")
+    try:
+        graph = json.loads(_text(raw))["config"]["layers"]
+        out: dict[str, list[str]] = {}
+        for layer in graph:
+            for source in _inbound_names(layer.get("inbound_nodes", [])):
+                out.setdefault(source, []).append(str(layer["class_name"]))
+        return out
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _natural_key(name: str) -> tuple:
+    """``dense`` < ``dense_3`` < ``dense_10``: TF numbers default names in creation order."""
+    m = re.match(r"^(.*?)(?:_(\d+))?$", name)
+    return m.group(1), int(m.group(2) or -1), name
 
 
 def keras_num_classes(path: str | Path) -> int:
     """Number of identities of a training_model.h5: the output width of its first classifier."""
-    dense = [w for w in read_keras_h5(path) if not w.theta and w.kind == "kernel" and w.value.ndim == 2]
+    dense = [w for w in read_keras_h5(path, values=False) if not w.theta and w.kind == "kernel" and w.value.ndim == 2]
+    dense.sort(key=lambda w: _natural_key(w.group))
     if not dense:
         raise KerasWeightsError(f"{path}: no Dense kernel, so not a training_model.h5 of the seed (a notop file?)")
     return int(dense[0].value.shape[1])
@@ -201,20 +251,27 @@ def _by_layer(weights: list[KerasWeight]) -> dict[tuple[str, str], dict[str, Ker
     return out
 
 
-def _conv5_groups(groups: list[str]) -> list[str]:
-    """The two conv5 groups as [global, regional]: a name that says so, else the file's order."""
+def _conv5_groups(groups: list[str], consumers: dict[str, list[str]] | None) -> list[str]:
+    """The two conv5 groups as [global, regional] (module docstring: the graph, a name, creation order)."""
+    if consumers:
+        pooled = [g for g in groups if any("GlobalAveragePooling" in c or "GlobalAvgPool" in c for c in consumers.get(g, []))]
+        if len(pooled) == 1:
+            return pooled + [g for g in groups if g != pooled[0]]
     named = [g for g in groups if "global" in g.lower()]
     if len(named) == 1:
         return named + [g for g in groups if g != named[0]]
-    return list(groups)
+    return sorted(groups, key=_natural_key)
 
 
-def load_keras_weights(model: nn.Module, weights: list[KerasWeight], source: str) -> KerasLoadInfo:
+def load_keras_weights(
+    model: nn.Module, weights: list[KerasWeight], source: str, consumers: dict[str, list[str]] | None = None
+) -> KerasLoadInfo:
     """Write a notop or training-model file's weights into a keras-style ``ReidNet``.
 
     The model's layout comes from ``model.keras_layers()`` (Keras name -> [(path, module)], two
     entries for conv5 layers when the regional branch exists) and its heads. Returns what was
-    loaded; thetas are returned by parameter name for ``apply_keras_thetas``.
+    loaded; thetas are returned by parameter name for ``apply_keras_thetas``. consumers: the file's
+    graph (``read_keras_consumers``), which tells the global conv5 copy from the regional one.
     """
     targets: dict[str, list[tuple[str, nn.Module]]] = model.keras_layers()
     layers = _by_layer(weights)
@@ -236,7 +293,7 @@ def load_keras_weights(model: nn.Module, weights: list[KerasWeight], source: str
         if len(found) == 1:
             found = found * len(mods)  # a notop file: both conv5 copies start from the same weights
         elif len(found) == len(mods):
-            order = _conv5_groups([g for g, _ in found])
+            order = _conv5_groups([g for g, _ in found], consumers)
             found = sorted(found, key=lambda gw: order.index(gw[0]))
         else:
             raise KerasWeightsError(f"{what}: layer '{name}' appears {len(found)} times, the model has {len(mods)}")
@@ -267,9 +324,10 @@ def load_keras_weights(model: nn.Module, weights: list[KerasWeight], source: str
 
 def _load_heads(model: nn.Module, heads: dict, info: KerasLoadInfo, owner: dict, what: str) -> None:
     """Stripe convs, BN necks and classifiers of a training_model.h5 (classifiers only when the class counts agree)."""
-    convs = [(k, w) for k, w in heads.items() if "kernel" in w and w["kernel"].value.ndim == 4]
-    necks = [(k, w) for k, w in heads.items() if "moving_mean" in w]
-    dense = [(k, w) for k, w in heads.items() if "kernel" in w and w["kernel"].value.ndim == 2]
+    ordered = sorted(heads.items(), key=lambda kw: _natural_key(kw[0][0]))  # creation order of the groups
+    convs = [(k, w) for k, w in ordered if "kernel" in w and w["kernel"].value.ndim == 4]
+    necks = [(k, w) for k, w in ordered if "moving_mean" in w]
+    dense = [(k, w) for k, w in ordered if "kernel" in w and w["kernel"].value.ndim == 2]
     wide = model.feature_dims[0]
     # the global branch's neck and classifier are the wider ones; stable, so stripes keep their order
     necks.sort(key=lambda kw: kw[1]["gamma"].value.shape[0] != wide if "gamma" in kw[1] else True)

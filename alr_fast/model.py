@@ -27,7 +27,15 @@ import torchvision
 from torch import nn
 
 from .keras_resnet import KerasResNet, stage_layer_names
-from .keras_weights import KerasLoadInfo, KerasWeightsError, is_keras_file, keras_imagenet_file, load_keras_weights, read_keras_h5
+from .keras_weights import (
+    KerasLoadInfo,
+    KerasWeightsError,
+    is_keras_file,
+    keras_imagenet_file,
+    load_keras_weights,
+    read_keras_consumers,
+    read_keras_h5,
+)
 
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -197,7 +205,7 @@ class ReidNet(nn.Module):
     def _load_keras(self, pretrained: str) -> KerasLoadInfo:
         path = keras_imagenet_file(self.backbone_name, Path(torch.hub.get_dir()) / "checkpoints") if pretrained == "imagenet" else pretrained
         try:
-            return load_keras_weights(self, read_keras_h5(path), f"model.pretrained='{path}'")
+            return load_keras_weights(self, read_keras_h5(path), f"model.pretrained='{path}'", read_keras_consumers(path))
         except KerasWeightsError as exc:
             raise PretrainedWeightsError(str(exc)) from exc
 
