@@ -88,12 +88,17 @@ def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, pr
     return TorchEvalLoader(*args, **common, num_workers=cfg.data.num_workers)
 
 
+def train_augmentation(d) -> dict:
+    """pad, flip_p and erase_p of a DataConfig: the seed's augmentation flag gates its whole image
+    augmentor, random erasing included (``use_data_augmentation_in_training=False``: no augmentor)."""
+    return dict(pad=d.padding if d.augmentation else 0, flip_p=0.5 if d.augmentation else 0.0,
+                erase_p=0.5 if d.augmentation and d.random_erasing else 0.0)
+
+
 def _train_loader(kind: str, store, labels, camids, sampler, cfg, *, rank, device, dtype, channels_last):
     d = cfg.data
-    # the seed's augmentation flag gates its whole image augmentor, random erasing included
     common = dict(
-        height=d.height, width=d.width, pad=d.padding if d.augmentation else 0,
-        flip_p=0.5 if d.augmentation else 0.0, erase_p=0.5 if d.augmentation and d.random_erasing else 0.0,
+        height=d.height, width=d.width, **train_augmentation(d),
         seed=cfg.run.seed, rank=rank, device=device, dtype=dtype, channels_last=channels_last,
         input_style=input_style_for(cfg.model.backbone_style),
     )
