@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog=EPILOG_KEYS + describe_keys(),
     )
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory, or one of the seed's Keras training_model.h5")
+    p.add_argument("--config", metavar="FILE", help="for a Keras .h5: the recipe it was trained with (e.g. market1501_resnet50_keras)")
     p.add_argument("--re-ranking", action="store_true", help="also report k-reciprocal re-ranked metrics (k1 20, k2 6, lambda 0.3)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: next to the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=/data run.device=cpu")
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation import format_metrics
             from .trainer import evaluate_checkpoint
 
-            result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out)
+            result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out,
+                                         config=args.config)
             print(format_metrics(result))
             print(f"report: {result['report']}")
         elif args.command == "make-synthetic":

@@ -215,16 +215,17 @@ class KerasLoadInfo:
 
 
 def _to_torch(kind: str, value: np.ndarray, target: torch.Tensor, name: str, torch_name: str) -> torch.Tensor:
+    shape = tuple(target.shape)
+    if kind == "kernel":  # OIHW -> HWIO, (out, in) -> (in, out): the shape the file must have
+        shape = (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape[::-1]
+    if tuple(value.shape) != shape:
+        raise KerasWeightsError(f"weight '{name}' has shape {tuple(value.shape)}, but {torch_name} needs {shape} in Keras' layout")
     if kind == "kernel":
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T  # HWIO -> OIHW, (in, out) -> (out, in)
-    if tuple(value.shape) != tuple(target.shape):
-        raise KerasWeightsError(
-            f"weight '{name}' has shape {tuple(value.shape)} after conversion, but {torch_name} needs {tuple(target.shape)}"
-        )
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
-def _assign(module: nn.Module, path: str, weights: dict[str, KerasWeight], table: dict[str, str], what: str) -> int:
+def _assign(module: nn.Module, path: str, weights: dict[str, KerasWeight], table: dict[str, str], what: str, layer: str) -> int:
     """Copy ``weights`` (kind -> weight) into ``module``'s tensors; every tensor of ``table`` must be there."""
     n = 0
     for kind, attr in table.items():
@@ -234,7 +235,7 @@ def _assign(module: nn.Module, path: str, weights: dict[str, KerasWeight], table
                 raise KerasWeightsError(f"weight '{weights[kind].name}' has no counterpart in {path} (no {attr})")
             continue
         if kind not in weights:
-            raise KerasWeightsError(f"{what}: no weight '{kind}' for {path}.{attr}")
+            raise KerasWeightsError(f"{what}: the file has no weight '{layer}/{kind}' (for {path}.{attr})")
         w = weights[kind]
         with torch.no_grad():
             target.copy_(_to_torch(kind, w.value, target, w.name, f"{path}.{attr}"))
@@ -299,7 +300,7 @@ def load_keras_weights(
             raise KerasWeightsError(f"{what}: layer '{name}' appears {len(found)} times, the model has {len(mods)}")
         for (group, w), (path, mod) in zip(found, mods):
             table = _CONV if isinstance(mod, nn.Conv2d) else _BN
-            info.tensors += _assign(mod, path, w, table, what)
+            info.tensors += _assign(mod, path, w, table, what, name)
             owner[(group, name)] = path
 
     if info.kind == "training_model":
@@ -340,12 +341,12 @@ def _load_heads(model: nn.Module, heads: dict, info: KerasLoadInfo, owner: dict,
     for found, mods, attr, table in ((convs, model.stripe_convs, "stripe_convs", _CONV),
                                      (necks, model.necks, "necks", _BN)):
         for i, ((key, w), mod) in enumerate(zip(found, mods)):
-            info.tensors += _assign(mod, f"{attr}.{i}", w, table, what)
+            info.tensors += _assign(mod, f"{attr}.{i}", w, table, what, key[1])
             owner[key] = f"{attr}.{i}"
     info.num_classes = int(dense[0][1]["kernel"].value.shape[1])
     if info.num_classes == model.classifiers[0].out_features:
         for i, ((key, w), mod) in enumerate(zip(dense, model.classifiers)):
-            info.tensors += _assign(mod, f"classifiers.{i}", w, {"kernel": "weight"}, what)
+            info.tensors += _assign(mod, f"classifiers.{i}", w, {"kernel": "weight"}, what, key[1])
             owner[key] = f"classifiers.{i}"
         info.classifiers_loaded = True
     else:

@@ -107,3 +107,35 @@ def tf22_spelling(layout: Layout, thetas: dict[tuple[str, str, str], float]) -> 
             new_group = layer_map[group]
         out.append((new_group, new_weights))
     return out
+
+
+def layout_from_model(model) -> Layout:
+    """A keras-style ``ReidNet`` written back in the seed's layout (HWIO kernels, (in, out) dense):
+    the stem and conv2..conv4 in group ``model``, the conv5 copies in ``model_4`` / ``model_5``,
+    each head layer in its own group with Keras' default names. No graph: the loader falls back to
+    creation order for the conv5 copies. For loader tests that need no TensorFlow."""
+    import torch
+
+    def conv(name, mod):
+        w = mod.weight.detach().numpy().transpose(2, 3, 1, 0)
+        return [(f"{name}/kernel", w)] + ([(f"{name}/bias", mod.bias.detach().numpy())] if mod.bias is not None else [])
+
+    def bn(name, mod):
+        return [(f"{name}/gamma", mod.weight.detach().numpy()), (f"{name}/beta", mod.bias.detach().numpy()),
+                (f"{name}/moving_mean", mod.running_mean.numpy()), (f"{name}/moving_variance", mod.running_var.numpy())]
+
+    groups: dict[str, list] = {"model": [], "model_4": [], "model_5": []}
+    for name, entries in model.keras_layers().items():
+        for (path, mod), group in zip(entries, ("model_4", "model_5") if name.startswith("conv5") else ("model",)):
+            groups[group] += conv(name, mod) if isinstance(mod, torch.nn.Conv2d) else bn(name, mod)
+    layout: Layout = [(g, w) for g, w in groups.items()]
+    for i, c in enumerate(model.stripe_convs):
+        name = "conv2d" + (f"_{i}" if i else "")
+        layout.append((name, conv(name, c)))
+    for i, n in enumerate(model.necks):
+        name = "batch_normalization" + (f"_{i}" if i else "")
+        layout.append((name, bn(name, n)))
+    for i, fc in enumerate(model.classifiers):
+        name = "dense" + (f"_{i}" if i else "")
+        layout.append((name, [(f"{name}/kernel", fc.weight.detach().numpy().T.copy())]))
+    return layout
