@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=/data run.device=cpu")
 
     p = sub.add_parser(
+        "export",
+        help="export the inference model (flip-averaged features) to ONNX with a dynamic batch",
+        description="Write the inference model of a run directory, checkpoint or the seed's training_model.h5 "
+        "(with --config) as ONNX: preprocessed images [batch, 3, H, W] -> features [batch, 4096]; the "
+        "preprocessing is in the file's metadata. Needs onnx (pip install 'alr-fast[export]').",
+    )
+    p.add_argument("checkpoint", help="a run directory, a checkpoint file or a Keras training_model.h5")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--config", metavar="FILE", help="for a Keras .h5: the recipe it was trained with")
+    p.add_argument("--no-flip", action="store_true", help="export one pass instead of the flip-averaged feature")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.height=256 for a .h5")
+
+    p = sub.add_parser(
         "make-synthetic",
         help="write a synthetic dataset with learnable identities in a native layout",
         description="Write real JPEGs in the Market-1501, DukeMTMC-reID or MSMT17_V2 layout, deterministic "
@@ -195,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                                          config=args.config)
             print(format_metrics(result))
             print(f"report: {result['report']}")
+        elif args.command == "export":
+            from .export import export_checkpoint
+
+            path = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
+                                     flip=not args.no_flip)
+            print(f"wrote {path}")
         elif args.command == "make-synthetic":
             _make_synthetic(args)
         elif args.command == "quickstart":
