@@ -19,6 +19,7 @@ for ResNet-50 / 101 / 152, as the seed has.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -205,9 +206,14 @@ class ReidNet(nn.Module):
     def _load_keras(self, pretrained: str) -> KerasLoadInfo:
         path = keras_imagenet_file(self.backbone_name, Path(torch.hub.get_dir()) / "checkpoints") if pretrained == "imagenet" else pretrained
         try:
-            return load_keras_weights(self, read_keras_h5(path), f"model.pretrained='{path}'", read_keras_consumers(path))
+            info = load_keras_weights(self, read_keras_h5(path), f"model.pretrained='{path}'", read_keras_consumers(path))
         except KerasWeightsError as exc:
             raise PretrainedWeightsError(str(exc)) from exc
+        log = logging.getLogger("alr_fast")
+        log.info("%s (%s): %d tensors, %d thetas", path, info.kind, info.tensors, len(info.thetas))
+        for note in info.notes:
+            log.info("note: %s", note)
+        return info
 
     # -- freezing (phase A) ---------------------------------------------------------------
     def backbone_modules(self) -> list[nn.Module]:
