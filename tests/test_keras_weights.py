@@ -145,3 +145,20 @@ def test_evaluate_a_training_model_h5_from_the_cli(source, tmp_path, capsys):
     assert 0.0 < report["metrics"]["mAP"] <= 1.0 and report["config"]["model"]["backbone_style"] == "keras"
     rc = main(["evaluate", str(path), f"data.root={tmp_path / 'data'}", "run.device=cpu"])
     assert rc == 2 and "model.backbone_style=keras" in capsys.readouterr().err
+
+
+def test_keras_imagenet_file_is_taken_from_the_hub_folder_or_named_when_missing(tmp_path, monkeypatch):
+    from alr_fast.keras_weights import KERAS_RESNET_URL, KerasWeightsError, keras_imagenet_file
+
+    def offline(url, dst, progress=True):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(KerasWeightsError) as err:
+        keras_imagenet_file("resnet101", tmp_path)
+    message = str(err.value)
+    assert KERAS_RESNET_URL.format(name="resnet101") in message
+    assert str(tmp_path / "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5") in message
+    placed = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    placed.write_bytes(b"")  # present: used as it is, nothing fetched
+    assert keras_imagenet_file("resnet50", tmp_path) == placed
