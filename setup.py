@@ -36,6 +36,8 @@ setup(
         "test": ["pytest>=7.0", "nvidia-dali-cuda130"],  # DALI tests run in CPU mode without a GPU
         "dali": ["nvidia-dali-cuda130"],
         "cupy": ["cupy-cuda13x"],
+        "keras": ["h5py"],  # Keras .h5 weights (model.backbone_style=keras)
+        "export": ["onnx", "onnxruntime"],  # alr-fast export (ONNX) and its parity test
     },
     entry_points={"console_scripts": ["alr-fast=alr_fast.cli:main"]},
 )

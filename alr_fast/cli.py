@@ -63,10 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog=EPILOG_KEYS + describe_keys(),
     )
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory, or one of the seed's Keras training_model.h5")
+    p.add_argument("--config", metavar="FILE", help="for a Keras .h5: the recipe it was trained with (e.g. market1501_resnet50_keras)")
     p.add_argument("--re-ranking", action="store_true", help="also report k-reciprocal re-ranked metrics (k1 20, k2 6, lambda 0.3)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: next to the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=/data run.device=cpu")
+
+    p = sub.add_parser(
+        "export",
+        help="export the inference model (flip-averaged features) to ONNX with a dynamic batch",
+        description="Write the inference model of a run directory, checkpoint or the seed's training_model.h5 "
+        "(with --config) as ONNX: preprocessed images [batch, 3, H, W] -> features [batch, 4096]; the "
+        "preprocessing is in the file's metadata. Needs onnx (pip install 'alr-fast[export]').",
+    )
+    p.add_argument("checkpoint", help="a run directory, a checkpoint file or a Keras training_model.h5")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--config", metavar="FILE", help="for a Keras .h5: the recipe it was trained with")
+    p.add_argument("--no-flip", action="store_true", help="export one pass instead of the flip-averaged feature")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.height=256 for a .h5")
 
     p = sub.add_parser(
         "make-synthetic",
@@ -191,9 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation import format_metrics
             from .trainer import evaluate_checkpoint
 
-            result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out)
+            result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out,
+                                         config=args.config)
             print(format_metrics(result))
             print(f"report: {result['report']}")
+        elif args.command == "export":
+            from .export import export_checkpoint
+
+            path = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
+                                     flip=not args.no_flip)
+            print(f"wrote {path}")
         elif args.command == "make-synthetic":
             _make_synthetic(args)
         elif args.command == "quickstart":

@@ -21,6 +21,8 @@ import yaml
 
 DATASETS = ("market1501", "dukemtmc_reid", "msmt17")
 BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet18", "resnet34")
+BACKBONE_STYLES = ("torchvision", "keras")
+KERAS_BACKBONES = ("resnet50", "resnet101", "resnet152")  # Keras has no Caffe-style ResNet-18/34
 LR_MODES = ("default", "constant", "linear", "cosine", "warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOADERS = ("auto", "torch", "dali", "cache")
@@ -67,7 +69,10 @@ class ModelConfig:
     """Three-branch ResNet of SPEC B.4 on torchvision backbones (A.3.1)."""
 
     backbone: str = "resnet50"
-    pretrained: str = "imagenet"  # none | imagenet | PATH to a torchvision state dict or alr-fast checkpoint
+    # torchvision: torchvision's ResNet and normalisation; keras: the seed's Caffe-style Keras ResNet,
+    # BGR minus the ImageNet means, Keras .h5 weights
+    backbone_style: str = "torchvision"
+    pretrained: str = "imagenet"  # none | imagenet | PATH: torchvision state dict, alr-fast checkpoint, Keras .h5
     region_num: int = 2
     last_stride: int = 1
     clip_min: float = 0.0
@@ -167,6 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": DATASETS,
     "data.loader": LOADERS,
     "model.backbone": BACKBONES,
+    "model.backbone_style": BACKBONE_STYLES,
     "optim.lr_mode": LR_MODES,
     "run.precision": PRECISIONS,
     "eval.metric": METRICS,
@@ -272,6 +278,11 @@ def validate_config(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0; got {value}")
+    if cfg.model.backbone_style == "keras" and cfg.model.backbone not in KERAS_BACKBONES:
+        raise ConfigError(
+            f"config key 'model.backbone' must be one of {', '.join(KERAS_BACKBONES)} with model.backbone_style=keras; "
+            f"got {cfg.model.backbone!r}"
+        )
     if cfg.model.last_stride not in (1, 2):
         raise ConfigError(f"config key 'model.last_stride' must be 1 or 2; got {cfg.model.last_stride}")
     if not 0.0 <= cfg.eval.lambda_value <= 1.0:
@@ -372,7 +383,8 @@ KEY_HELP = {
     "data.testing_size": "1 full test set, 0 none, (0,1) fraction of test ids, >1 number of ids",
     "data.validation_size": "0 none; fraction or count of training images held out for validation",
     "model.backbone": "resnet50 | resnet101 | resnet152 (resnet18/34 for CPU demos)",
-    "model.pretrained": "none | imagenet | PATH (torchvision state dict or alr-fast checkpoint)",
+    "model.backbone_style": "torchvision | keras (the seed's Caffe-style ResNet, BGR mean-subtracted input, .h5 weights)",
+    "model.pretrained": "none | imagenet | PATH (torchvision state dict, alr-fast checkpoint; keras: notop or training_model .h5)",
     "model.region_num": "horizontal stripes of the regional branch (0 disables it)",
     "model.last_stride": "stride of layer4 (1: the last-stride-1 trick)",
     "model.clip_min": "lower clip of every GAP feature",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .datasets import published_counts_mismatch, read_dataset, select_testing_subset, split_validation
+from .pipelines.augment import input_style_for
 from .pipelines.gpu_cache import DecodedCacheTrainLoader, choose_train_loader_kind
 from .pipelines.jpeg_store import load_jpeg_store
 from .pipelines.sampler import IdentitySampler
@@ -78,7 +79,7 @@ def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, pr
     store, records, _ = _load_store(list(records)[start:stop], what, cfg, progress)
     args = (store, np.array([r.pid for r in records], dtype=np.int64), np.array([r.camid for r in records], dtype=np.int64))
     common = dict(height=cfg.data.height, width=cfg.data.width, batch_size=cfg.eval.batch_size, device=device,
-                  dtype=dtype, channels_last=channels_last)
+                  dtype=dtype, channels_last=channels_last, input_style=input_style_for(cfg.model.backbone_style))
     if kind == "dali":
         from .pipelines.dali import DaliEvalLoader
 
@@ -87,12 +88,19 @@ def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, pr
     return TorchEvalLoader(*args, **common, num_workers=cfg.data.num_workers)
 
 
+def train_augmentation(d) -> dict:
+    """pad, flip_p and erase_p of a DataConfig: the seed's augmentation flag gates its whole image
+    augmentor, random erasing included (``use_data_augmentation_in_training=False``: no augmentor)."""
+    return dict(pad=d.padding if d.augmentation else 0, flip_p=0.5 if d.augmentation else 0.0,
+                erase_p=0.5 if d.augmentation and d.random_erasing else 0.0)
+
+
 def _train_loader(kind: str, store, labels, camids, sampler, cfg, *, rank, device, dtype, channels_last):
     d = cfg.data
     common = dict(
-        height=d.height, width=d.width, pad=d.padding if d.augmentation else 0,
-        flip_p=0.5 if d.augmentation else 0.0, erase_p=0.5 if d.random_erasing else 0.0,
+        height=d.height, width=d.width, **train_augmentation(d),
         seed=cfg.run.seed, rank=rank, device=device, dtype=dtype, channels_last=channels_last,
+        input_style=input_style_for(cfg.model.backbone_style),
     )
     if kind == "dali":
         from .pipelines.dali import DaliTrainLoader

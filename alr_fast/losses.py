@@ -18,15 +18,16 @@ def pairwise_euclidean(features: torch.Tensor, eps: float = 1e-12) -> torch.Tens
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Soft-margin batch-hard triplet (Hermans et al.): mean of softplus(d_ap_max - d_an_min).
 
-    features [B, D] (float32), labels [B] int. Anchors without a positive use d_ap = 0, and
-    anchors without a negative use the largest distance of the batch, as masked max/min do.
+    features [B, D] (float32), labels [B] int. As the seed's ``triplet_hermans.batch_hard``: an
+    anchor without a positive has d_ap = max(D * mask) = 0; an anchor without a negative has
+    d_an = min over an empty set = +inf (TF's ``reduce_min`` of an empty tensor), so its loss is
+    softplus(-inf) = 0 and it passes no gradient. It still counts in the batch mean.
     """
     dist = pairwise_euclidean(features.float())
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     hardest_pos = (dist * (same & ~eye)).amax(dim=1)
     hardest_neg = dist.masked_fill(same, float("inf")).amin(dim=1)
-    hardest_neg = torch.where(torch.isinf(hardest_neg), dist.amax(dim=1), hardest_neg)
     return F.softplus(hardest_pos - hardest_neg).mean()
 
 

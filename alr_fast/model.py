@@ -9,18 +9,34 @@ Layout for a 384x128 input and ResNet-50 (NCHW):
                  f_b -> BN neck (eps 2e-5) -> bias-free linear (N(0, 0.001^2)) -> logits
 Inference feature: concat(f_global, f_stripe1, f_stripe2), 4096-d for ResNet-50.
 
-Deviation from Part B: torchvision's ResNet (stride on the 3x3 conv, no conv biases, BN eps 1e-5)
-instead of the Caffe-style Keras ResNet; see the README.
+``backbone_style="torchvision"`` (default, a declared deviation from Part B, see the README):
+torchvision's ResNet (stride on the 3x3 conv, no conv biases, BN eps 1e-5) with torchvision
+weights. ``backbone_style="keras"``: the seed's Caffe-style Keras ResNet
+(``alr_fast.keras_resnet``: stride on the block's first 1x1 conv, conv biases, BN eps 1.001e-5),
+which takes Keras .h5 weights (``alr_fast.keras_weights``): 265 / 469 / 673 regularized tensors
+for ResNet-50 / 101 / 152, as the seed has.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from .keras_resnet import KerasResNet, stage_layer_names
+from .keras_weights import (
+    KerasLoadInfo,
+    KerasWeightsError,
+    is_keras_file,
+    keras_imagenet_file,
+    load_keras_weights,
+    read_keras_consumers,
+    read_keras_h5,
+)
 
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -68,8 +84,25 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_backbone(name: str, pretrained: str = "none") -> nn.Module:
-    """A torchvision ResNet without its classifier, with ``pretrained`` in none | imagenet | PATH."""
+def build_backbone(name: str, pretrained: str = "none", style: str = "torchvision") -> nn.Module:
+    """A ResNet without its classifier, with ``pretrained`` in none | imagenet | PATH.
+
+    style torchvision: torchvision's ResNet and weights. style keras: ``KerasResNet`` with random
+    init; its Keras .h5 weights (``imagenet`` or a .h5 PATH) are loaded by ``ReidNet`` once both
+    conv5 copies exist; a non-.h5 PATH is a torch state dict of a ``KerasResNet``.
+    """
+    if style == "keras":
+        net = KerasResNet(name)
+        if pretrained in ("", "none", "imagenet") or is_keras_file(pretrained):
+            return net
+        state = _load_weights_file(pretrained)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PretrainedWeightsError(f"model.pretrained='{pretrained}' does not fit a keras {name}: {exc}") from exc
+        return net
+    if style != "torchvision":
+        raise ValueError(f"unknown backbone style '{style}'; choose torchvision or keras")
     if name not in _WEIGHTS:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(_WEIGHTS)}")
     net = getattr(torchvision.models, name)(weights=None)
@@ -98,6 +131,9 @@ def build_backbone(name: str, pretrained: str = "none") -> nn.Module:
 
 def _set_last_stride(layer4: nn.Sequential, stride: int) -> None:
     block = layer4[0]
+    if hasattr(block, "set_stride"):  # Caffe style: the stride is on the first 1x1 conv
+        block.set_stride(stride)
+        return
     conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # torchvision: stride on the 3x3
     conv.stride = (stride, stride)
     if block.downsample is not None:
@@ -118,9 +154,11 @@ class ReidNet(nn.Module):
         clip_max: float = 1.0,
         neck_eps: float = 2e-5,
         bn_momentum: float = 0.01,
+        backbone_style: str = "torchvision",
     ) -> None:
         super().__init__()
-        net = build_backbone(backbone, pretrained)
+        self.backbone_name, self.backbone_style = backbone, backbone_style
+        net = build_backbone(backbone, pretrained, backbone_style)
         _set_last_stride(net.layer4, last_stride)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
@@ -146,6 +184,36 @@ class ReidNet(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = bn_momentum
         self._backbone_frozen = False
+        self.keras_load_info: KerasLoadInfo | None = None
+        if backbone_style == "keras" and (pretrained == "imagenet" or is_keras_file(pretrained)):
+            self.keras_load_info = self._load_keras(pretrained)
+
+    # -- Keras weights ----------------------------------------------------------------------
+    def keras_layers(self) -> dict[str, list[tuple[str, nn.Module]]]:
+        """Keras layer name -> [(module path, module)] of the backbone; conv5 layers list the global
+        copy, then the regional one (keras style only)."""
+        if self.backbone_style != "keras":
+            raise ValueError("Keras layer names exist for backbone_style=keras only")
+        out = {"conv1_conv": [("stem.0", self.stem[0])], "conv1_bn": [("stem.1", self.stem[1])]}
+        for stage, attr in zip((2, 3, 4, 5), ("layer1", "layer2", "layer3", "layer4")):
+            for name, entry in stage_layer_names(stage, getattr(self, attr), attr).items():
+                out[name] = [entry]
+        if self.layer4_regional is not None:
+            for name, entry in stage_layer_names(5, self.layer4_regional, "layer4_regional").items():
+                out[name].append(entry)
+        return out
+
+    def _load_keras(self, pretrained: str) -> KerasLoadInfo:
+        path = keras_imagenet_file(self.backbone_name, Path(torch.hub.get_dir()) / "checkpoints") if pretrained == "imagenet" else pretrained
+        try:
+            info = load_keras_weights(self, read_keras_h5(path), f"model.pretrained='{path}'", read_keras_consumers(path))
+        except KerasWeightsError as exc:
+            raise PretrainedWeightsError(str(exc)) from exc
+        log = logging.getLogger("alr_fast")
+        log.info("%s (%s): %d tensors, %d thetas", path, info.kind, info.tensors, len(info.thetas))
+        for note in info.notes:
+            log.info("note: %s", note)
+        return info
 
     # -- freezing (phase A) ---------------------------------------------------------------
     def backbone_modules(self) -> list[nn.Module]:
@@ -214,4 +282,5 @@ def build_model(cfg, num_classes: int) -> ReidNet:
         clip_max=cfg.clip_max,
         neck_eps=cfg.neck_eps,
         bn_momentum=cfg.bn_momentum,
+        backbone_style=cfg.backbone_style,
     )

@@ -29,7 +29,9 @@ def learning_rate(
             raise ValueError(f"lr_mode cosine needs lr_start > lr_end; got {start} and {end}")
         lr = (start - end) / 2 * math.cos(math.pi * epoch / max(epoch_num - 1, 1)) + (start + end) / 2
     elif mode == "warmup":
-        lr = start + (end - start) * epoch / max(warmup_epochs - 1, 1) if epoch < warmup_epochs else end
+        # the seed: min(linear ramp, end) at every epoch, so with start > end the ramp keeps falling
+        # below end (to the floor) instead of being held at end
+        lr = min(start + (end - start) * epoch / max(warmup_epochs - 1, 1), end)
     elif mode == "default":
         if drop_factor == 0:
             drop_factor = math.exp(steady_epochs / (epoch_num - 2 * warmup_epochs) * math.log(base / lower_bound))

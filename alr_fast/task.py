@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .keras_weights import apply_keras_thetas
 from .losses import reid_losses
 from .model import ReidNet, build_model
 from .profiling import Regions
@@ -48,4 +49,6 @@ def build_task(cfg, num_classes: int) -> ReidTask:
     r = cfg.regularizer
     factors = {"kernel": r.kernel_factor, "bias": r.bias_factor, "gamma": r.gamma_factor, "beta": r.beta_factor}
     regularizer = AdaptiveL2(model, factors, adaptive=r.adaptive, implementation=r.implementation)
+    if model.keras_load_info is not None and model.keras_load_info.thetas:  # a seed training_model.h5
+        apply_keras_thetas(regularizer, model.keras_load_info.thetas)
     return ReidTask(model, regularizer, cfg.optim.label_smoothing)

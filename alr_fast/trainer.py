@@ -557,14 +557,23 @@ def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_ranking: bool | None = None, out: str | Path | None = None) -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_ranking: bool | None = None,
+                        out: str | Path | None = None, config: str | None = None) -> dict:
     """The evaluation-only mode (SPEC B.10.5): load a checkpoint, extract features, evaluate the
-    full test set (testing_size 1), and write ``evaluation-<time>.json`` next to the checkpoint."""
-    from .config import apply_overrides
+    full test set (testing_size 1), and write ``evaluation-<time>.json`` next to the checkpoint.
 
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"], source=str(checkpoint))
-    cfg = apply_overrides(cfg, overrides)
+    A Keras ``.h5``/``.hdf5`` file is one of the seed's ``training_model.h5``: its config is
+    ``config`` (a recipe name or file, e.g. market1501_resnet50_keras) plus ``overrides``."""
+    from .config import apply_overrides, load_config
+    from .keras_weights import is_keras_file
+
+    keras = is_keras_file(checkpoint)
+    if keras:
+        state, cfg = None, load_config(config, overrides)
+    else:
+        state = load_checkpoint(checkpoint)
+        cfg = config_from_dict(state["config"], source=str(checkpoint))
+        cfg = apply_overrides(cfg, overrides)
     if cfg.data.testing_size != 1.0:
         log.info("evaluation uses the full test set: data.testing_size=%s ignored", cfg.data.testing_size)
     cfg = dataclasses.replace(
@@ -578,8 +587,17 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
     channels_last = cfg.run.channels_last and device.type == "cuda"  # as in training
     data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                       train=False, progress=cfg.run.progress)
-    task = build_task(cfg, int(state["num_classes"])).to(device)
-    task.load_state_dict(state["task"])
+    if keras:
+        from .keras_weights import load_keras_training_model
+
+        task, info = load_keras_training_model(checkpoint, cfg, log)
+        task = task.to(device)
+        if info.num_classes != data.num_classes:
+            log.info("note: the file has %d classes, the dataset %d training identities (this matters only for "
+                     "training)", info.num_classes, data.num_classes)
+    else:
+        task = build_task(cfg, int(state["num_classes"])).to(device)
+        task.load_state_dict(state["task"])
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     results = evaluate_splits(task, data.eval_loaders, cfg, lambda: autocast_context(device, precision),
@@ -590,6 +608,9 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"checkpoint": str(checkpoint), "metrics": m, "config": config_to_dict(cfg), "versions": versions()}
+    if keras:
+        report["keras"] = {"classes": info.num_classes, "dataset_classes": data.num_classes, "tensors": info.tensors,
+                           "thetas": len(info.thetas), "regularized": len(task.regularizer), "notes": info.notes}
     atomic_write_bytes(folder / f"evaluation-{stamp}.json", json.dumps(report, indent=1).encode())
     if cfg.eval.save_features:
         np.savez(folder / f"features-{stamp}.npz", query=q.features.cpu().numpy(), gallery=g.features.cpu().numpy(),

@@ -5,7 +5,9 @@ The random parameters (flip, crop offset, erase rectangle) are drawn on the CPU 
 augmentation to the same sample. The reference image ops work on uint8 ``[B, 3, H, W]`` RGB
 tensors, in the seed's order: horizontal flip, zero pad ``pad`` px on each side, crop H x W at
 (crop_y, crop_x) of the padded image, fill the erase rectangle (output coordinates) with
-``ERASE_FILL``; then ``normalize`` (torchvision mean/std, SPEC A.3.1).
+``ERASE_FILL``; then ``normalize`` in the backbone's ``InputStyle`` (torchvision: RGB / 255 with
+mean/std, SPEC A.3.1; keras: the seed's Caffe preprocessing, BGR minus the ImageNet means in
+pixel units). Padding and erasing happen on the uint8 RGB image in both styles, as the seed does.
 
 Draw order of ``draw_augment_params`` (all draws are doubles U in [0, 1) from ``rng.random``,
 so the stream is easy to reproduce anywhere):
@@ -30,6 +32,63 @@ from torchvision.io import ImageReadMode, decode_jpeg
 ERASE_FILL = (125, 122, 113)  # uint8(255 * (0.4914, 0.4822, 0.4465)), truncated as in the seed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+KERAS_BGR_MEAN = (103.939, 116.779, 123.68)  # keras preprocess_input(mode="caffe"), B, G, R, in pixel units
+
+
+@dataclass(frozen=True)
+class InputStyle:
+    """How uint8 RGB images become the network's input, per output channel c:
+
+        out[c] = (in[channels[c]] / scale - mean[c]) / std[c]
+
+    ``mean`` and ``std`` are in units of ``in / scale`` and belong to the OUTPUT channel order;
+    ``pixel_mean`` / ``pixel_std`` give them in pixel units (DALI's crop_mirror_normalize).
+    ``scale`` 1 skips that division (no scaling, the Caffe style).
+    """
+
+    name: str
+    channels: tuple[int, int, int]  # (0, 1, 2): RGB, (2, 1, 0): BGR
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.channels not in ((0, 1, 2), (2, 1, 0)):
+            raise ValueError(f"InputStyle {self.name}: channels must be (0, 1, 2) or (2, 1, 0), got {self.channels}")
+        if self.scale <= 0 or min(self.std) <= 0:
+            raise ValueError(f"InputStyle {self.name}: scale and std must be positive, got {self.scale}, {self.std}")
+
+    @property
+    def bgr(self) -> bool:
+        return self.channels == (2, 1, 0)
+
+    @property
+    def pixel_mean(self) -> tuple[float, ...]:
+        return tuple(self.scale * m for m in self.mean)
+
+    @property
+    def pixel_std(self) -> tuple[float, ...]:
+        return tuple(self.scale * s for s in self.std)
+
+    def device_tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as float32 ``[1, 3, 1, 1]`` on ``device``, built once per loader."""
+        # built once: a per-batch torch.tensor(..., device=cuda) would be a blocking copy
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        return mean, std
+
+
+TORCHVISION_STYLE = InputStyle("torchvision", (0, 1, 2), 255.0, IMAGENET_MEAN, IMAGENET_STD)
+# the seed's preprocess_input(mode="caffe"): RGB -> BGR, minus the BGR means, no scaling
+KERAS_STYLE = InputStyle("keras", (2, 1, 0), 1.0, KERAS_BGR_MEAN, (1.0, 1.0, 1.0))
+INPUT_STYLES = {"torchvision": TORCHVISION_STYLE, "keras": KERAS_STYLE}
+
+
+def input_style_for(backbone_style: str) -> InputStyle:
+    """The preprocessing that belongs to ``model.backbone_style`` (torchvision | keras)."""
+    if backbone_style not in INPUT_STYLES:
+        raise ValueError(f"unknown backbone style {backbone_style!r}; choose one of {', '.join(INPUT_STYLES)}")
+    return INPUT_STYLES[backbone_style]
 
 
 @dataclass
@@ -156,21 +215,31 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, *, pad: int = 10)
 
 def normalize(
     images: torch.Tensor,
-    mean: tuple[float, float, float] | torch.Tensor = IMAGENET_MEAN,
-    std: tuple[float, float, float] | torch.Tensor = IMAGENET_STD,
+    mean: tuple[float, float, float] | torch.Tensor | None = None,
+    std: tuple[float, float, float] | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    style: InputStyle = TORCHVISION_STYLE,
 ) -> torch.Tensor:
-    """(x / 255 - mean) / std per channel, computed in float32 then cast to ``dtype``.
+    """``style``'s preprocessing, computed in float32 then cast to ``dtype``.
 
-    images: uint8 ``[B, 3, H, W]``. mean/std may be float32 tensors already on the images'
-    device (shape [3] or [1, 3, 1, 1]) to avoid a host-to-device copy per call. Same operations
-    as ``torchvision.transforms.functional.normalize(x.float() / 255, mean, std)``.
+    images: uint8 RGB ``[B, 3, H, W]``. The channels are reordered first (BGR for the keras style,
+    on uint8), then ``(x / style.scale - mean) / std`` per output channel. mean/std default to the
+    style's and may be float32 tensors already on the images' device (shape [3] or [1, 3, 1, 1],
+    from ``style.device_tensors``) to avoid a host-to-device copy per call. The torchvision style
+    is ``torchvision.transforms.functional.normalize(x.float() / 255, mean, std)``; the keras
+    style is keras ``preprocess_input(x, mode="caffe")`` on float32 (the same float32 values).
     """
     _check_images(images)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean_t = torch.as_tensor(style.mean if mean is None else mean, dtype=torch.float32, device=images.device)
+    std_t = torch.as_tensor(style.std if std is None else std, dtype=torch.float32, device=images.device)
+    mean_t, std_t = mean_t.view(1, 3, 1, 1), std_t.view(1, 3, 1, 1)
+    if style.bgr:
+        images = images.flip(1)  # on uint8: 4x fewer bytes than after the conversion; keeps channels_last
+    x = images.to(torch.float32)
     # every divisor is a device tensor: CUDA turns a division by a Python scalar into a multiply
     # by its reciprocal (126 of the 256 grey levels then differ by one ulp from the CPU's exact
     # quotient), while a tensor divisor is an IEEE division on both devices
-    x = images.to(torch.float32).div_(torch.full((), 255.0, device=images.device))
+    if style.scale != 1.0:
+        x = x.div_(torch.full((), style.scale, device=images.device))
     return x.sub_(mean_t).div_(std_t).to(dtype)

@@ -6,8 +6,11 @@ What it computes. Training: encoded JPEG bytes (held in host memory) -> ``fn.dec
 (``"mixed"``: nvJPEG on the GPU; ``"cpu"``: libjpeg-turbo) -> bilinear resize to H x W without
 antialiasing -> per-sample horizontal flip -> zero pad ``pad`` px and crop H x W (one
 ``fn.slice`` whose window may leave the image, filled with 0) -> ``fn.erase`` with
-``ERASE_FILL`` on uint8, before normalisation -> ``fn.crop_mirror_normalize`` computing
-``(x - 255 mean) / (255 std)`` in float32 and writing the trainer's dtype. Evaluation: decode,
+``ERASE_FILL`` on uint8, before normalisation -> for the keras style RGB -> BGR
+(``fn.color_space_conversion``, a channel swap on uint8) -> ``fn.crop_mirror_normalize``
+computing ``(x - pixel_mean) / pixel_std`` of the ``InputStyle`` in float32 (torchvision:
+``(x - 255 mean) / (255 std)``; keras: ``x - (103.939, 116.779, 123.68)`` on BGR) and writing
+the trainer's dtype. Evaluation: decode,
 resize, normalise (the evaluator flips the tensor itself). The per-sample parameters are not
 drawn by DALI: the identity sampler and ``draw_augment_params`` draw them on the CPU exactly as
 the reference loader does (same streams, same order), and they enter the graph as an int32
@@ -22,7 +25,8 @@ with DALI 2.4 CPU operators on JPEGs of 30..400 px (4:2:0, 4:4:4 and greyscale):
 decoder is bit-exact with torchvision's; the resize differs by at most 1 grey level (about 3% of
 pixels when upscaling 128x64 -> 384x128: ties rounded differently); flip, pad, crop and erase are
 exact on uint8; the normalisation differs by at most ~5e-7 (float32 rounding). So after
-normalisation: |DALI - reference| <= 1 / (255 * min(std)) + 1e-5 = 0.0175. The GPU decoder
+normalisation: |DALI - reference| <= 1 / min(pixel_std) + 1e-5 = 0.0175 for the torchvision style
+and 1 + 1e-4 for the keras style (no scaling: one grey level is 1). The GPU decoder
 (nvJPEG / the hardware decoder) is not libjpeg-turbo and differs by a few grey levels; the GPU
 tests allow ``GPU_DECODE_TOLERANCE`` (unmeasured here, see tests/test_dali.py).
 
@@ -68,7 +72,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by te
         "(or pip install 'alr-fast[dali]')"
     ) from exc
 
-from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD
+from .augment import ERASE_FILL, TORCHVISION_STYLE, InputStyle
 from .jpeg_store import CorruptImageError, JpegStore, find_jpeg_problem
 from .sampler import IdentitySampler
 from .stream import TrainStream
@@ -111,14 +115,17 @@ def augment_graph(images, params, *, height: int, width: int, pad: int):
     return fn.erase(images, anchor=anchor, shape=shape, axis_names="HW", fill_value=list(ERASE_FILL))
 
 
-def normalize_graph(images, *, dtype, channels_last: bool):
-    """uint8 HWC -> ``(x / 255 - mean) / std`` (SPEC A.3.1) as HWC (channels_last) or CHW, in ``dtype``."""
+def normalize_graph(images, *, dtype, channels_last: bool, style: InputStyle = TORCHVISION_STYLE):
+    """uint8 RGB HWC -> ``augment.normalize`` of ``style`` as HWC (channels_last) or CHW, in ``dtype``."""
+    if style.bgr:
+        # a channel swap on uint8 (exact); the means below are in BGR order
+        images = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.BGR)
     return fn.crop_mirror_normalize(
         images,
         dtype=dtype,
         output_layout="HWC" if channels_last else "CHW",
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
+        mean=list(style.pixel_mean),
+        std=list(style.pixel_std),
     )
 
 
@@ -127,7 +134,8 @@ def normalize_graph(images, *, dtype, channels_last: bool):
 
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(
-    source, *, parallel, source_prefetch, decoder_device, height, width, pad, dtype, channels_last, on_gpu, bytes_hint
+    source, *, parallel, source_prefetch, decoder_device, height, width, pad, dtype, channels_last, on_gpu, bytes_hint,
+    style=TORCHVISION_STYLE,
 ):
     """(images, labels, camids) of one training batch; ``source`` is a ``_TrainSource``."""
     jpegs, params, labels, camids = fn.external_source(
@@ -142,18 +150,18 @@ def train_pipeline(
     )
     images = decode_resize_graph(jpegs, decoder_device=decoder_device, height=height, width=width)
     images = augment_graph(images, params, height=height, width=width, pad=pad)
-    images = normalize_graph(images, dtype=dtype, channels_last=channels_last)
+    images = normalize_graph(images, dtype=dtype, channels_last=channels_last, style=style)
     if on_gpu:
         labels, camids = labels.gpu(), camids.gpu()
     return images, labels, camids
 
 
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(source, *, decoder_device, height, width, dtype, channels_last):
+def eval_pipeline(source, *, decoder_device, height, width, dtype, channels_last, style=TORCHVISION_STYLE):
     """Normalised images of one evaluation batch; ``source`` is an ``_EvalSource``."""
     jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1)
     images = decode_resize_graph(jpegs, decoder_device=decoder_device, height=height, width=width)
-    return normalize_graph(images, dtype=dtype, channels_last=channels_last)
+    return normalize_graph(images, dtype=dtype, channels_last=channels_last, style=style)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -302,7 +310,9 @@ class DaliTrainLoader:
         device_id: int | None = None,
         num_threads: int | None = None,
         prefetch_queue_depth: int = 2,
+        input_style: InputStyle = TORCHVISION_STYLE,
     ) -> None:
+        self.input_style = input_style
         self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
                                   pad=pad, flip_p=flip_p, erase_p=erase_p)
         if num_workers < 0 or prefetch_queue_depth < 1:
@@ -345,6 +355,7 @@ class DaliTrainLoader:
             channels_last=self.channels_last,
             on_gpu=self.device_id is not None,
             bytes_hint=self._max_jpeg + 4096,
+            style=self.input_style,
             batch_size=self.sampler.batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id,
@@ -419,7 +430,9 @@ class DaliEvalLoader:
         prefetch_queue_depth: int = 2,
         shard_id: int = 0,
         num_shards: int = 1,
+        input_style: InputStyle = TORCHVISION_STYLE,
     ) -> None:
+        self.input_style = input_style
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_id < num_shards:
@@ -452,6 +465,7 @@ class DaliEvalLoader:
             width=self.width,
             dtype=self._dali_dtype,
             channels_last=self.channels_last,
+            style=self.input_style,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id,

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .augment import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, normalize
+from .augment import ERASE_FILL, TORCHVISION_STYLE, InputStyle, normalize
 from .jpeg_store import JpegStore
 from .sampler import IdentitySampler
 from .stream import TrainStream
@@ -100,12 +100,14 @@ def augment_from_cache(
     fill: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = True,
+    style: InputStyle = TORCHVISION_STYLE,
 ) -> torch.Tensor:
     """Gather, flip, zero pad + crop, erase and normalise a batch; ``[B, 3, H, W]`` in ``dtype``.
 
     cache: uint8 ``[N, H, W, 3]``; indices: int64 ``[B]``; params: integer ``[B, 7]`` in
     ``AugmentParams.to_array`` column order (crop offsets in [0, 2*pad], not checked here: that
-    would need a host sync); all on one device. mean, std: float32 ``[1, 3, 1, 1]``; fill: the
+    would need a host sync); all on one device. mean, std: float32 ``[1, 3, 1, 1]`` of ``style``
+    (``style.device_tensors``); fill: the
     uint8 ``[3]`` erase colour (``ERASE_FILL``); all on that device, so a step copies nothing.
     Returns channels_last strides with ``channels_last``, else contiguous NCHW.
     """
@@ -134,7 +136,7 @@ def augment_from_cache(
     images = out.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
     if not channels_last:
         images = images.contiguous()  # on uint8: 4x fewer bytes than after normalising
-    return normalize(images, mean, std, dtype)
+    return normalize(images, mean, std, dtype, style=style)
 
 
 class DecodedCacheTrainLoader:
@@ -168,6 +170,7 @@ class DecodedCacheTrainLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         decoder: str = "auto",
+        input_style: InputStyle = TORCHVISION_STYLE,
     ) -> None:
         self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
                                   pad=pad, flip_p=flip_p, erase_p=erase_p)
@@ -180,9 +183,8 @@ class DecodedCacheTrainLoader:
         self.cache = build_decoded_cache(
             store, height, width, device=self.device, decoder=decoder, num_threads=num_workers or None
         )
-        # built once: a per-batch torch.tensor(..., device=cuda) would be a blocking copy
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.input_style = input_style
+        self._mean, self._std = input_style.device_tensors(self.device)  # built once, no per-step copy
         self._fill = torch.tensor(ERASE_FILL, dtype=torch.uint8).to(self.device)
 
     @property
@@ -212,7 +214,7 @@ class DecodedCacheTrainLoader:
             rows = slice(start, start + B)
             images = augment_from_cache(
                 self.cache, indices[rows], params[rows], pad=self.pad, mean=self._mean, std=self._std, fill=self._fill,
-                dtype=self.dtype, channels_last=self.channels_last,
+                dtype=self.dtype, channels_last=self.channels_last, style=self.input_style,
             )
             yield images, labels[rows], camids[rows]
 

@@ -1,7 +1,9 @@
 """Reference loaders on torch DataLoader: the CPU pipeline of SPEC A.3.4 behind the loader contract.
 
-Both loaders iterate ``(images, pids, camids)``: images normalised ``[B, 3, H, W]`` in ``dtype``
-on ``device``, pids and camids int64 ``[B]`` on ``device``; ``len()`` is the number of batches.
+Both loaders iterate ``(images, pids, camids)``: images normalised in ``input_style``
+(``augment.InputStyle``: torchvision's or the seed's Caffe preprocessing) ``[B, 3, H, W]`` in
+``dtype`` on ``device``, pids and camids int64 ``[B]`` on ``device``; ``len()`` is the number of
+batches.
 
 Training: the sampler's indices and the augmentation parameters of a whole epoch are drawn in the
 main process (so the output does not depend on ``num_workers``); the DataLoader's items are whole
@@ -21,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    TORCHVISION_STYLE,
     AugmentParams,
+    InputStyle,
     augment_batch,
     decode_resize,
     normalize,
@@ -103,13 +105,11 @@ def _int64_column(values, n: int, name: str) -> np.ndarray:
 
 
 class _DeviceFinisher:
-    """Moves a uint8 batch to the device and normalises it there."""
+    """Moves a uint8 batch to the device and normalises it there in ``style``."""
 
-    def __init__(self, device, dtype: torch.dtype, channels_last: bool) -> None:
-        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
-        # built once: a per-batch torch.tensor(..., device=cuda) would be a blocking copy
-        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+    def __init__(self, device, dtype: torch.dtype, channels_last: bool, style: InputStyle = TORCHVISION_STYLE) -> None:
+        self.device, self.dtype, self.channels_last, self.style = torch.device(device), dtype, channels_last, style
+        self.mean, self.std = style.device_tensors(self.device)
 
     @property
     def pin_memory(self) -> bool:
@@ -119,7 +119,7 @@ class _DeviceFinisher:
         images, pids, camids = (t.to(self.device, non_blocking=True) for t in batch)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return normalize(images, self.mean, self.std, self.dtype), pids, camids
+        return normalize(images, self.mean, self.std, self.dtype, style=self.style), pids, camids
 
 
 def _data_loader(dataset: Dataset, sampler, num_workers: int, pin_memory: bool, persistent: bool) -> DataLoader:
@@ -162,12 +162,13 @@ class TorchTrainLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         decoded_cache: bool = True,
+        input_style: InputStyle = TORCHVISION_STYLE,
     ) -> None:
         self.stream = TrainStream(sampler, num_images=len(store), seed=seed, rank=rank, height=height, width=width,
                                   pad=pad, flip_p=flip_p, erase_p=erase_p)
         self.sampler, self.height, self.width, self.pad = sampler, height, width, pad
         self.flip_p, self.erase_p = flip_p, erase_p
-        self._finish = _DeviceFinisher(device, dtype, channels_last)
+        self._finish = _DeviceFinisher(device, dtype, channels_last, input_style)
         cache = decode_store(store, height, width) if decoded_cache else None
         dataset = _TrainBatches(
             None if decoded_cache else store.data,
@@ -218,6 +219,7 @@ class TorchEvalLoader:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        input_style: InputStyle = TORCHVISION_STYLE,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -226,7 +228,7 @@ class TorchEvalLoader:
             store.data, _int64_column(pids, n, "pids"), _int64_column(camids, n, "camids"), height, width
         )
         keys = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-        self._finish = _DeviceFinisher(device, dtype, channels_last)
+        self._finish = _DeviceFinisher(device, dtype, channels_last, input_style)
         self._loader = _data_loader(dataset, keys, num_workers, self._finish.pin_memory, persistent=False)
         self._num_batches = math.ceil(n / batch_size)
 

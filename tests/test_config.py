@@ -79,14 +79,15 @@ def test_bad_yaml_file_named(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["market1501", "dukemtmc_reid", "msmt17"])
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "resnet152"])
-def test_recipes_are_the_seed_defaults(dataset, backbone):
-    name = f"{dataset}_{backbone}"
+@pytest.mark.parametrize("style", ["torchvision", "keras"])
+def test_recipes_are_the_seed_defaults(dataset, backbone, style):
+    name = f"{dataset}_{backbone}" + ("_keras" if style == "keras" else "")
     assert name in bundled_config_names()
     c = load_config(name)
     expected = dataclasses.replace(
         Config(),
         data=dataclasses.replace(Config().data, dataset=dataset),
-        model=dataclasses.replace(Config().model, backbone=backbone),
+        model=dataclasses.replace(Config().model, backbone=backbone, backbone_style=style),
     )
     assert config_to_dict(c) == config_to_dict(expected)
 

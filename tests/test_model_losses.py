@@ -117,6 +117,23 @@ def test_triplet_matches_loop(seed):
     assert torch.allclose(d.diagonal(), torch.full((12,), 1e-6, dtype=torch.float64))
 
 
+def test_triplet_anchor_without_negative_gives_zero_as_the_seed():
+    """One identity in the batch: TF's reduce_min over no negatives is +inf, softplus(-inf) = 0; the
+    loss is 0 and passes no gradient (the seed's ~0), instead of substituting a distance."""
+    g = torch.Generator().manual_seed(9)
+    feats = torch.rand(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = batch_hard_triplet(feats, torch.zeros(4, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(feats.grad, torch.zeros_like(feats))
+    # every anchor of a batch with two identities has a negative: the loop's value, finite gradients
+    feats2 = torch.rand(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    loss2 = batch_hard_triplet(feats2, torch.tensor([0, 0, 1, 1]))
+    assert loss2.item() == pytest.approx(_triplet_loop(feats2.detach(), [0, 0, 1, 1]), rel=1e-6) and loss2.item() > 0.1
+    loss2.backward()
+    assert torch.isfinite(feats2.grad).all() and feats2.grad.abs().sum() > 0
+
+
 def test_label_smoothed_ce_formula():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(5, 6, generator=g, dtype=torch.float64)
