@@ -4,7 +4,8 @@ The public functions take NumPy arrays, CuPy arrays or torch tensors and dispatc
 
 * any argument on a CUDA device (a CuPy array, or a torch CUDA tensor, taken through DLPack
   without a copy; bfloat16 tensors are widened to float32 first, CuPy has no bfloat16) runs
-  the CuPy kernels of ``gpu.py`` on that device. Host-side arguments of the same call (labels,
+  the CuPy kernels on that device (``distance.py``, ``ranking.py``, ``rerank.py``, each beside
+  its ``.cu`` file; ``launch.py`` holds the backend and the launches, ``gpu.py`` binds them). Host-side arguments of the same call (labels,
   typically) are copied to the device. Matrices come back as the array type of the first
   device argument (a CuPy array, or a torch tensor again through DLPack); ``evaluate_ranking``
   returns host values (NumPy cmc, float mAP) on both paths. Streams: the kernels run on
@@ -16,7 +17,7 @@ The public functions take NumPy arrays, CuPy arrays or torch tensors and dispatc
   NumPy arrays. CUDA tensors without CuPy installed fall back to it too, with a warning that
   names the package to install.
 
-``memory_budget_bytes`` (default ``gpu.DEFAULT_MEMORY_BUDGET_BYTES``, 2 GiB) bounds the
+``memory_budget_bytes`` (default ``launch.DEFAULT_MEMORY_BUDGET_BYTES``, 2 GiB) bounds the
 scratch memory of the GPU path beyond inputs and outputs. It is validated on both paths; the
 NumPy reference has fixed chunks of ``reference._CHUNK_ELEMENTS`` (tens of MB) and needs one
 dense (Q + G)^2 float32 matrix for re-ranking whatever the budget.

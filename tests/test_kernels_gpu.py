@@ -2,7 +2,7 @@
 
 Two groups:
 
-* always run: the algorithms of ``gpu.py`` on the NumPy backend (``gpu.NUMPY_BACKEND``: NumPy
+* always run: the algorithms of ``distance.py``, ``ranking.py`` and ``rerank.py`` on the NumPy backend (``gpu.NUMPY_BACKEND``: NumPy
   emulations of the CUDA kernels, everything around them unchanged) against the NumPy
   reference and the published oracles, with memory budgets small enough to cut every loop into
   many chunks; plus the argument checks of the kernel wrappers and the CPU side of the dispatch.
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from alr_fast import kernels
-from alr_fast.kernels import gpu, reference
+from alr_fast.kernels import distance, gpu, launch, ranking, reference, rerank
 
 from reference_oracles import brute_force_ranking, published_re_ranking
 
@@ -80,7 +80,7 @@ def test_rank_keys_order_is_numpy_stable_sort_including_special_values():
                              rng.integers(-3, 4, 200).astype(np.float32),
                              rng.normal(size=200).astype(np.float32)])
     values = values[rng.permutation(values.size)]
-    keys = gpu._rank_keys(np, values, np.arange(values.size))
+    keys = launch._rank_keys(np, values, np.arange(values.size))
     np.testing.assert_array_equal(np.argsort(keys), np.argsort(values, kind="stable"))
 
 
@@ -89,21 +89,21 @@ def test_topk_slices_and_merge_equal_stable_argsort(n_slices):
     rng = np.random.default_rng(10 + n_slices)
     a = rng.integers(0, 4, size=(9, 13)).astype(np.float16)  # stacked [9 + 14, 13]: many ties
     b = rng.integers(0, 4, size=(14, 13)).astype(np.float32)
-    col_max, flags = gpu._xp_column_max_sq(np, a, b, np.float32)
+    col_max, flags = rerank._xp_column_max_sq(np, a, b, np.float32)
     sq = np.concatenate([a.astype(np.float32) ** 2, b ** 2]).T  # dist rows = columns of the stack
     np.testing.assert_array_equal(col_max, sq.max(axis=1))
     np.testing.assert_array_equal(flags, 0)
     for k in (1, 5, 23):
-        keys = gpu._xp_column_topk_keys(np, a, b, np.float32, col_max, k, n_slices=n_slices)
+        keys = rerank._xp_column_topk_keys(np, a, b, np.float32, col_max, k, n_slices=n_slices)
         assert keys.shape[1:] == (13, k) and keys.shape[0] == -(-23 // -(-23 // n_slices))
         expected = np.argsort(sq / col_max[:, None], axis=1, kind="stable")[:, :k]
-        np.testing.assert_array_equal(gpu._merge_topk(np, keys, k), expected)
+        np.testing.assert_array_equal(rerank._merge_topk(np, keys, k), expected)
 
 
 def test_column_max_flags_name_the_matrix_with_non_finite_values():
     a, b = np.ones((3, 4)), np.ones((2, 4))
     a[1, 2], b[0, 3] = np.inf, np.nan
-    np.testing.assert_array_equal(gpu._xp_column_max_sq(np, a, b, np.float64)[1], [0, 0, 1, 2])
+    np.testing.assert_array_equal(rerank._xp_column_max_sq(np, a, b, np.float64)[1], [0, 0, 1, 2])
 
 
 def test_count_negatives_before_contract_hand_case():
@@ -113,8 +113,8 @@ def test_count_negatives_before_contract_hand_case():
     dist = np.array([[0.5, 0.5, 0.1, 0.9, 0.2, 0.2]], dtype=np.float32)
     g_code = np.array([0, 1, 0, 0, 1, 0], dtype=np.int32)
     pos = np.array([4, 1])  # sorted by key: (0.2, 4) then (0.5, 1)
-    keys = gpu._rank_keys(np, dist[0, pos], pos)
-    counts = gpu._xp_count_negatives_before(
+    keys = launch._rank_keys(np, dist[0, pos], pos)
+    counts = ranking._xp_count_negatives_before(
         np, dist, np.array([1], np.int32), g_code, np.array([0, 2]), np.array([2], np.int32), keys)
     # before (0.2, 4): column 2 (0.1); between it and (0.5, 1): columns 5 (0.2) and 0 (0.5, index 0)
     np.testing.assert_array_equal(counts, [1, 2])
@@ -122,7 +122,7 @@ def test_count_negatives_before_contract_hand_case():
 
 def test_cost_chunks_respect_the_budget():
     costs = np.array([5, 1, 1, 7, 2, 2, 2, 30, 1])
-    chunks = gpu._cost_chunks(costs, budget=8)
+    chunks = launch._cost_chunks(costs, budget=8)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(costs)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     for start, stop in chunks:
@@ -223,7 +223,7 @@ def _assert_distances_close(got, expected, metric, exact=False):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * max(float(expected.max()), 1.0))
 
 
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_xp_distmat_matches_reference(metric, dtype):
     rng = np.random.default_rng(20 + np.dtype(dtype).itemsize)
@@ -350,14 +350,14 @@ def test_xp_rerank_memory_stays_far_below_the_dense_matrix():
 def test_kernel_wrappers_reject_wrong_dtype_and_layout():
     with pytest.raises(ValueError, match=r"^dist must be a 2-D float32 array \(unit inner\); "
                                          r"got shape \(3, 4\) float64"):
-        gpu._require("dist", np.zeros((3, 4)), np.float32, 2)
+        launch._require("dist", np.zeros((3, 4)), np.float32, 2)
     with pytest.raises(ValueError, match=r"^dist .*got shape \(3, 2\) float32 with strides \(16, 8\)"):
-        gpu._require("dist", np.zeros((3, 4), np.float32)[:, ::2], np.float32, 2)
+        launch._require("dist", np.zeros((3, 4), np.float32)[:, ::2], np.float32, 2)
     with pytest.raises(ValueError, match=r"^keys must be a 1-D uint64 array \(contiguous\)"):
-        gpu._require("keys", np.zeros(8, np.uint64)[::2], np.uint64, 1, "contiguous")
+        launch._require("keys", np.zeros(8, np.uint64)[::2], np.uint64, 1, "contiguous")
     with pytest.raises(ValueError, match=r"^top must be a 2-D .*got shape \(4,\)"):
-        gpu._column_args(np.zeros(4), np.zeros((2, 4)))
-    gpu._require("dist", np.zeros((3, 4), np.float32)[1:], np.float32, 2)  # row views are fine
+        rerank._column_args(np.zeros(4), np.zeros((2, 4)))
+    launch._require("dist", np.zeros((3, 4), np.float32)[1:], np.float32, 2)  # row views are fine
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def _launch_every_instantiation(backend) -> None:
     """Call each kernel wrapper once per dtype combination it can dispatch to."""
     floats = [np.dtype(t) for t in _FLOATS]
     for dot_dtype in (np.float32, np.float64):
-        for metric in gpu.METRIC_CODES:
+        for metric in distance.METRIC_CODES:
             backend.distance_epilogue(np.zeros((3, 5), dot_dtype), np.zeros((3, 5), np.float32),
                                       np.ones(3), np.ones(5), metric)
     backend.count_negatives_before(np.zeros((3, 5), np.float32), np.zeros(3, np.int32), np.ones(5, np.int32),
@@ -431,7 +431,7 @@ def _launch_every_instantiation(backend) -> None:
                     continue
                 top, bottom = np.ones((4, 6), a), np.ones((300, 6), b)
                 backend.column_max_sq(top, bottom, s)
-                for k in (1, gpu.TOPK_CAPACITIES[0] + 1):  # the two compiled list sizes
+                for k in (1, rerank.TOPK_CAPACITIES[0] + 1):  # the two compiled list sizes
                     backend.column_topk_keys(top, bottom, s, np.ones(6, np.float32), k)
             if s.itemsize >= a.itemsize:
                 backend.rerank_finalize(np.zeros((2, 6)), np.ones((2, 6), a), np.ones(2, np.float32), s,
@@ -445,7 +445,7 @@ def _launch_every_instantiation(backend) -> None:
 def test_every_launch_matches_the_kernel_signature_and_covers_every_instantiation():
     rec = RecordingLauncher()
     _launch_every_instantiation(gpu.kernel_backend(np, rec, gpu.NUMPY_BACKEND.gemm_f32))
-    sources = {f: gpu.kernel_source(f) for f in gpu.KERNEL_FILES}
+    sources = {f: launch.kernel_source(f) for f in gpu.KERNEL_FILES}
     problems = []
     for filename, names, name, grid, block, args in rec.calls:
         assert name in names, (name, names)
@@ -460,19 +460,19 @@ def test_every_launch_matches_the_kernel_signature_and_covers_every_instantiatio
 
 
 def test_signature_check_catches_count_width_and_template_mismatches():
-    source = gpu.kernel_source("distance.cu")
-    name = gpu.distance_names(np.float32)[0]
+    source = launch.kernel_source("distance.cu")
+    name = distance.distance_names(np.float32)[0]
     args = (np.zeros((2, 2), np.float32), np.int64(2), np.ones(2), np.ones(2), np.int64(2), np.int64(2),
             np.zeros((2, 2), np.float32), np.int64(2))
     assert _launch_mismatches(source, name, args) == []
     assert _launch_mismatches(source, name, args[:-1]) == [f"{name}: 7 arguments for 8 parameters"]
     assert "argument 1: numpy.int64 scalar expected, got int32" in _launch_mismatches(
         source, name, args[:1] + (np.int32(2),) + args[2:])[0]
-    double_name = gpu.distance_names(np.float64)[0]
+    double_name = distance.distance_names(np.float64)[0]
     assert "argument 0: float64 array expected" in _launch_mismatches(source, double_name, args)[0]
     narrowed = source.replace("long long ld_dot", "int ld_dot")
     assert "argument 1: numpy.int32 scalar expected, got int64" in _launch_mismatches(narrowed, name, args)[0]
-    rerank = gpu.kernel_source("rerank.cu")
+    rerank = launch.kernel_source("rerank.cu")
     sigs = _kernel_signatures(rerank)
     assert sigs["column_topk"][0] == ["TA", "TB", "S", "CAP"] and len(sigs["column_topk"][1]) == 11
     assert sigs["jaccard_accumulate"] == ([], [("long long", True), ("int", True), ("float", True),
@@ -507,14 +507,14 @@ def test_leading_dimension_of_single_rows_and_launch_geometry_at_msmt17_scale():
     # A single row's stride is arbitrary (a transposed column has stride 1 element): cuBLAS
     # needs ld >= the row length, so the width is passed; matrices pass their row stride.
     column = np.ones((7, 1), np.float32)
-    assert gpu._is_unit_inner(column.T) and gpu._ld(column.T) == 7
-    assert gpu._ld(np.ones((4, 10), np.float16)[:, 2:5]) == 10
+    assert launch._is_unit_inner(column.T) and launch._ld(column.T) == 7
+    assert launch._ld(np.ones((4, 10), np.float16)[:, 2:5]) == 10
     num_q, num_g = 11659, 82161
-    grid, block = gpu._launch_1d(num_q * num_g)  # grid-stride loops past 65,536 blocks
+    grid, block = launch._launch_1d(num_q * num_g)  # grid-stride loops past 65,536 blocks
     assert grid[0] == 1 << 16 and block[0] == 256
     for n_cols in (1, 128, 3000, num_g):
-        n_slices, per_slice = gpu._column_slices(num_q + num_g, n_cols)
-        assert 1 <= n_slices <= gpu._MAX_SLICES  # gridDim.y
+        n_slices, per_slice = rerank._column_slices(num_q + num_g, n_cols)
+        assert 1 <= n_slices <= rerank._MAX_SLICES  # gridDim.y
         assert (n_slices - 1) * per_slice < num_q + num_g <= n_slices * per_slice
 
 
@@ -558,7 +558,7 @@ def test_import_needs_no_cupy_and_names_are_consistent():
     names = gpu.runtime_name_expressions()
     assert set(names) == set(gpu.KERNEL_FILES)
     assert "column_topk<half_t, half_t, half_t, 32>" in names["rerank.cu"]
-    assert gpu.distance_names(np.float32)[gpu.METRIC_CODES["euclidean"]] == "distance_epilogue<float, 1>"
+    assert distance.distance_names(np.float32)[distance.METRIC_CODES["euclidean"]] == "distance_epilogue<float, 1>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +642,7 @@ _FLOATS = (np.float16, np.float32, np.float64)
 
 
 class HostKernels:
-    """ctypes launcher of the g++-built kernels, with the signature of gpu._cupy_launch."""
+    """ctypes launcher of the g++-built kernels, with the signature of launch._cupy_launch."""
 
     def __init__(self, build_dir):
         import ctypes
@@ -651,7 +651,7 @@ class HostKernels:
         self._ctypes = ctypes
         self._libs, self._shims, self._threaded = {}, {}, {}
         for filename in gpu.KERNEL_FILES:
-            source = gpu.kernel_source(filename)
+            source = launch.kernel_source(filename)
             names = gpu.runtime_name_expressions()[filename]  # every instantiation the wrappers use
             shims = [f'extern "C" void shim_{i}(unsigned gx, unsigned gy, unsigned bx, void** a, int t)'
                      f' {{ run_grid(&{name}, gx, gy, bx, a, t); }}' for i, name in enumerate(names)]
@@ -724,7 +724,7 @@ def test_host_kernels_run_the_whole_ranking(host):
     assert "count_negatives_before" in launcher.launches
 
 
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 def test_host_kernels_run_the_distance_epilogue(host, metric):
     backend, _ = host
     rng = np.random.default_rng(30)
@@ -768,8 +768,8 @@ def test_host_kernels_equal_their_emulations_one_by_one(host):
     np.testing.assert_array_equal(mx, mx_np)
     np.testing.assert_array_equal(flags, flags_np)
     for k in (1, 21, 32, 100):
-        np.testing.assert_array_equal(gpu._merge_topk(np, backend.column_topk_keys(a, b, np.float32, mx, k), k),
-                                      gpu._merge_topk(np, NP.column_topk_keys(a, b, np.float32, mx, k), k))
+        np.testing.assert_array_equal(rerank._merge_topk(np, backend.column_topk_keys(a, b, np.float32, mx, k), k),
+                                      rerank._merge_topk(np, NP.column_topk_keys(a, b, np.float32, mx, k), k))
     a[3, 5], b[7, 9] = np.inf, np.nan
     np.testing.assert_array_equal(backend.column_max_sq(a, b, np.float32)[1], NP.column_max_sq(a, b, np.float32)[1])
     acc = rng.random((6, 50))
@@ -801,7 +801,7 @@ def _noncontiguous(cp, x):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 53, 24), (129, 257, 72)])
 def test_gpu_distmat_matches_reference(cp, metric, dtype, shape):
@@ -941,14 +941,14 @@ def test_gpu_kernels_equal_their_emulations(cp):
     # column passes, float16 over float32 with squares in float32, 300 columns, 1,000 rows
     a = rng.integers(0, 9, size=(400, 300)).astype(np.float16)
     b = rng.random((600, 300)).astype(np.float32)
-    mx_np, fl_np = gpu._xp_column_max_sq(np, a, b, np.float32)
+    mx_np, fl_np = rerank._xp_column_max_sq(np, a, b, np.float32)
     mx, fl = cb.column_max_sq(cp.asarray(a), cp.asarray(b), np.float32)
     np.testing.assert_array_equal(cp.asnumpy(mx), mx_np)
     np.testing.assert_array_equal(cp.asnumpy(fl), fl_np)
     for k in (1, 21, 32, 100):
         keys = cb.column_topk_keys(cp.asarray(a), cp.asarray(b), np.float32, mx, k)
-        expected = gpu._merge_topk(np, gpu._xp_column_topk_keys(np, a, b, np.float32, mx_np, k), k)
-        np.testing.assert_array_equal(cp.asnumpy(gpu._merge_topk(cp, keys, k)), expected)
+        expected = rerank._merge_topk(np, rerank._xp_column_topk_keys(np, a, b, np.float32, mx_np, k), k)
+        np.testing.assert_array_equal(cp.asnumpy(rerank._merge_topk(cp, keys, k)), expected)
     # ranking counts on a tied block
     distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 50, 3000)
     cmc_np = gpu.evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams, backend=NP)
