@@ -38,6 +38,11 @@ KERNEL_DIR = pathlib.Path(__file__).resolve().parent
 # --device-as-default-execution-space itself); the NVRTC test compiles with the same.
 COMPILE_OPTIONS = ("-std=c++17",)
 _CUDA_TYPE = {np.dtype(np.float16): "half_t", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# compute_distmat's ``precision``: float64 (the reference's sklearn semantics), float32 (float32
+# GEMM accumulation), and the tensor-core compute types tf32 / bf16 (GEMM inputs rounded to
+# 10 / 7 mantissa bits, float32 accumulation), offered for the matrices that feed re-ranking only
+PRECISIONS = ("float64", "float32", "tf32", "bf16")
+_DROPPED_MANTISSA_BITS = {"tf32": 13, "bf16": 16}  # of float32's 23
 _SENTINEL = np.uint64(0xFFFFFFFFFFFFFFFF)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
@@ -150,6 +155,25 @@ def _is_unit_inner(x) -> bool:
 def _unit_inner(xp, x):
     """x itself if the kernels can index it (see ``_is_unit_inner``), else a C-contiguous copy."""
     return x if _is_unit_inner(x) else xp.ascontiguousarray(x)
+
+
+def _check_precision(precision) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (or None); got {precision!r}")
+
+
+def _round_mantissa(xp, x, precision: str):
+    """float32 ``x`` rounded to nearest (ties to even) at the mantissa width of ``precision``.
+
+    ``"tf32"`` keeps 10 mantissa bits, ``"bf16"`` 7: the values a tensor-core GEMM multiplies
+    (products of such values are exact in float32). Finite inputs only (they are checked).
+    Bit operations, so CuPy's flush-to-zero elementwise kernels cannot change subnormals.
+    """
+    drop = _DROPPED_MANTISSA_BITS[precision]
+    bits = xp.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    half = np.uint32((1 << (drop - 1)) - 1)
+    bits = bits + (((bits >> np.uint32(drop)) & np.uint32(1)) + half)
+    return (bits & np.uint32((0xFFFFFFFF >> drop) << drop)).view(np.float32)
 
 
 def _ld(x) -> int:

@@ -25,6 +25,7 @@ import pytest
 
 from alr_fast import kernels
 from alr_fast.kernels import distance, gpu, launch, ranking, reference, rerank
+from alr_fast.kernels import host as host_path
 
 from reference_oracles import brute_force_ranking, published_re_ranking
 
@@ -163,8 +164,8 @@ def test_xp_ranking_special_values_dtypes_and_layouts():
     rng = np.random.default_rng(7)
     distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 30, 64, levels=3)
     distmat[rng.random(distmat.shape) < 0.1] = -0.0  # ties with +0.0 by index, as NumPy
-    distmat[rng.random(distmat.shape) < 0.05] = np.nan  # after everything, ties by index
-    distmat[rng.random(distmat.shape) < 0.05] = np.inf
+    distmat[rng.random(distmat.shape) < 0.05] = 3.4e38  # the largest float32s, ties by index
+    distmat[rng.random(distmat.shape) < 0.05] = 1e-45  # subnormal: no flush to zero
     expected = reference.evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams, 50)
     variants = {
         "float64": distmat,
@@ -183,6 +184,39 @@ def test_xp_ranking_special_values_dtypes_and_layouts():
     ints = rng.integers(0, 4, distmat.shape)
     np.testing.assert_array_equal(gpu.evaluate_ranking(ints, q_pids, g_pids, q_cams, g_cams, backend=NP)[0],
                                   reference.evaluate_ranking(ints, q_pids, g_pids, q_cams, g_cams)[0])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_ranking_rejects_non_finite_distances_on_every_path(value):
+    """Issue 12 item 12: an all-NaN distmat used to give a plausible mAP; every path refuses it."""
+    rng = np.random.default_rng(17)
+    distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 12, 40)
+    distmat = distmat.astype(np.float32)
+    distmat[3, 7] = value
+    message = r"^distmat contains NaN or infinite values \(shape \(12, 40\) float32\)$"
+    for rank in (reference.evaluate_ranking, host_path.evaluate_ranking,
+                 lambda *a: gpu.evaluate_ranking(*a, backend=NP),
+                 lambda *a: kernels.evaluate_ranking(*a, method="count"), kernels.evaluate_ranking):
+        with pytest.raises(ValueError, match=message):
+            rank(distmat, q_pids, g_pids, q_cams, g_cams)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN"):
+        kernels.evaluate_ranking(np.full((12, 40), np.nan), q_pids, g_pids, q_cams, g_cams)
+
+
+@pytest.mark.parametrize("precision", [None, "float64", "float32", "tf32", "bf16"])
+def test_distmat_rejects_non_finite_features_on_every_path(precision):
+    rng = np.random.default_rng(18)
+    qf, gf = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(9, 8)).astype(np.float32)
+    for name, (q, g) in {"qf": (np.where(np.eye(5, 8) > 0, np.nan, qf), gf),
+                         "gf": (qf, np.where(np.eye(9, 8) > 0, -np.inf, gf))}.items():
+        shape = q.shape if name == "qf" else g.shape
+        message = rf"^{name} contains NaN or infinite values \(shape \({shape[0]}, 8\) float32\)$"
+        with pytest.raises(ValueError, match=message):
+            kernels.compute_distmat(q, g, precision=precision)
+        with pytest.raises(ValueError, match=message):
+            gpu.compute_distmat(q, g, precision=precision, backend=NP)
+    with pytest.raises(ValueError, match=r"^qf contains NaN"):
+        kernels.compute_distmat(np.full((3, 4), np.nan, np.float16), np.ones((2, 4), np.float16), precision=precision)
 
 
 def test_xp_ranking_structured_one_by_one_and_errors():
@@ -554,6 +588,89 @@ def test_dispatch_device_arrays_without_cupy_fall_back_with_a_warning(monkeypatc
         kernels.compute_distmat(qf, qf + 1)
 
 
+def test_dispatch_without_cupy_refuses_sizes_that_would_take_minutes(monkeypatch):
+    """CUDA tensors without CuPy: a warning and the host path while that takes seconds, an error
+    that says to install CuPy beyond ``HOST_FALLBACK_LIMITS`` (scaled down here: the rule is under
+    test, not the timing; the real limits are checked against the two datasets' sizes)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels, "_device_kind", lambda x: "torch" if isinstance(x, torch.Tensor) else None)
+    monkeypatch.setattr(kernels, "_cupy_or_none", lambda: None)
+    limits = dict(kernels.HOST_FALLBACK_LIMITS)
+    monkeypatch.setattr(kernels, "HOST_FALLBACK_LIMITS", {"compute_distmat": ("2 Q G D FLOP", 1000.0),
+                                                          "evaluate_ranking": ("Q G distances", 400.0),
+                                                          "rerank_k_reciprocal": ("(Q + G)^2 elements", 2000.0)})
+    rng = np.random.default_rng(2)
+    g = torch.from_numpy(rng.normal(size=(20, 5)).astype(np.float32))
+    with pytest.raises(RuntimeError, match=r"^compute_distmat: CUDA arrays were given but CuPy is not installed, "
+                                           r"and the NumPy fallback on host copies would take minutes at this size "
+                                           r"\(1\.2e\+03 2 Q G D FLOP, limit 1e\+03\)\. Install .*alr-fast\[cupy\]"):
+        kernels.compute_distmat(g[:6], g)
+    with pytest.warns(RuntimeWarning, match="CuPy is not installed"):
+        small = kernels.compute_distmat(g[:4], g)  # 800 FLOP: the host path
+    np.testing.assert_array_equal(small, reference.compute_distmat(g[:4].numpy(), g.numpy()))
+    distmat, *labels = _tied_problem(rng, 12, 40)
+    with pytest.raises(RuntimeError, match=r"^evaluate_ranking: .*\(480 Q G distances, limit 400\)"):
+        kernels.evaluate_ranking(torch.from_numpy(distmat), *labels)
+    with pytest.raises(RuntimeError, match=r"^rerank_k_reciprocal: .*\(2\.7e\+03 \(Q \+ G\)\^2 elements"):
+        kernels.rerank_k_reciprocal(*(torch.from_numpy(x) for x in _rerank_inputs(rng, 12, 40)))
+    # the measured limits: Market-1501 falls back (slowly), MSMT17 is refused, for every function
+    for (q, g_), refused in (((3368, 15913), False), ((11659, 82161), True)):
+        sizes = {"compute_distmat": 2.0 * max(q, g_) ** 2 * 4096, "evaluate_ranking": float(q * g_),
+                 "rerank_k_reciprocal": float(q + g_) ** 2}
+        assert all((sizes[f] > limits[f][1]) == refused for f in sizes), (q, g_)
+
+
+class _FakeCupy:
+    """Just enough of CuPy's API to see which stream the dispatch runs the GPU path on."""
+
+    def __init__(self):
+        self.current, self.entered = "cupy-default", []
+        fake = self
+
+        class _Context:
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.name
+                fake.entered.append(self.name)
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+        self.cuda = type("cuda", (), {"Device": staticmethod(lambda dev: _Context(f"device {dev}")),
+                                      "ExternalStream": staticmethod(lambda ptr, dev: _Context(f"stream {ptr} on {dev}"))})
+
+
+def test_dispatch_runs_cupy_work_on_torchs_current_stream(monkeypatch):
+    """Issue 9 section 4: CuPy calls that take torch tensors enter an ExternalStream of torch's
+    current stream (pool reuse is then stream-ordered); CuPy arrays keep CuPy's stream."""
+    torch = pytest.importorskip("torch")
+    fake, seen = _FakeCupy(), []
+    monkeypatch.setattr(kernels, "_cupy_or_none", lambda: fake)
+    monkeypatch.setattr(kernels, "_device_kind", lambda x: "torch" if isinstance(x, torch.Tensor) else (
+        "cupy" if isinstance(x, np.ndarray) and x.dtype == np.float16 else None))
+    monkeypatch.setattr(kernels, "_device_index", lambda x, kind: 3)
+    monkeypatch.setattr(kernels, "_torch_stream_ptr", lambda dev: 4242 + dev)
+    monkeypatch.setattr(kernels, "_as_cupy", lambda cp, x: x.numpy() if isinstance(x, torch.Tensor) else x)
+
+    def record(name, result):
+        return lambda *a, **k: seen.append((name, fake.current, k.get("precision"))) or result
+
+    monkeypatch.setattr(gpu, "compute_distmat", record("distmat", np.zeros((2, 2), np.float32)))
+    monkeypatch.setattr(gpu, "evaluate_ranking", record("ranking", (np.ones(1, np.float32), 1.0)))
+    monkeypatch.setattr(gpu, "rerank_k_reciprocal", record("rerank", np.zeros((1, 2), np.float32)))
+    t = torch.ones(2, 3)
+    out = kernels.compute_distmat(t, t, precision="tf32")
+    assert isinstance(out, torch.Tensor)  # back as the first device argument's type
+    kernels.evaluate_ranking(torch.zeros(1, 2), [1], [1, 2], [0], [1, 1], max_rank=1)
+    kernels.rerank_k_reciprocal(torch.zeros(1, 2), torch.zeros(1, 1), torch.zeros(2, 2))
+    kernels.compute_distmat(np.ones((2, 3), np.float16), np.ones((2, 3), np.float16))  # CuPy arrays only
+    assert seen == [("distmat", "stream 4245 on 3", "tf32"), ("ranking", "stream 4245 on 3", None),
+                    ("rerank", "stream 4245 on 3", None), ("distmat", "device 3", None)]
+    assert fake.current == "cupy-default"  # every context was left
+
+
 def test_import_needs_no_cupy_and_names_are_consistent():
     names = gpu.runtime_name_expressions()
     assert set(names) == set(gpu.KERNEL_FILES)
@@ -705,8 +822,7 @@ def test_host_kernels_run_the_whole_ranking(host):
         rng = np.random.default_rng(600 + seed)
         problem = _tied_problem(rng, int(rng.integers(10, 40)), int(rng.integers(30, 300)), levels=4)
         distmat = problem[0] - 2.0  # negative distances too: the sign handling of the keys
-        for value, share in ((-0.0, 0.1), (np.nan, 0.03), (np.copysign(np.nan, -1), 0.03), (np.inf, 0.03),
-                             (-np.inf, 0.03)):
+        for value, share in ((-0.0, 0.1), (1e-45, 0.03), (-1e-45, 0.03), (3.4e38, 0.03), (-3.4e38, 0.03)):
             distmat[rng.random(distmat.shape) < share] = value
         problem = (distmat,) + problem[1:]
         expected = reference.evaluate_ranking(*problem, max_rank=20)
@@ -963,3 +1079,34 @@ def test_gpu_kernels_equal_their_emulations(cp):
     with pytest.raises(ValueError, match=r"^dist must be a 2-D float32 array"):
         cb.count_negatives_before(cp.zeros((2, 3)), cp.zeros(2, cp.int32), cp.zeros(3, cp.int32),
                                   cp.zeros(3, cp.int64), cp.zeros(2, cp.int32), cp.zeros(0, cp.uint64))
+
+
+@pytest.mark.gpu
+def test_gpu_distance_precisions_against_reference_and_emulation(cp):
+    """precision=float64 is the reference to 1e-6; tf32 / bf16 (tensor cores) stay within the
+    bound of their input rounding and close to the host emulation (host.py). Printed first, so
+    that the first GPU run measures the figures even if a bound is off."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(31)
+    qf, gf, *_ = _structured(rng, 300, 2000, dim=512)
+    qf, gf = np.clip(qf, 0, None).astype(np.float32), np.clip(gf, 0, None).astype(np.float32)
+    exact = reference.compute_distmat(qf, gf)
+    cq, cg = cp.asarray(qf), cp.asarray(gf)
+    errors = {p: float(np.abs(cp.asnumpy(kernels.compute_distmat(cq, cg, precision=p)) - exact).max())
+              for p in (None, "float64", "float32", "tf32", "bf16")}
+    emulated = {p: float(np.abs(cp.asnumpy(kernels.compute_distmat(cq, cg, precision=p))
+                                - host_path.compute_distmat(qf, gf, precision=p)).max()) for p in ("tf32", "bf16")}
+    print(f"max |GPU - float64 reference| by precision: {errors}; |GPU - host emulation|: {emulated}")
+    assert errors["float64"] < 1e-6 and errors[None] == errors["float32"] < 2e-5
+    assert errors["tf32"] < 4e-3 and errors["bf16"] < 2e-2
+    assert emulated["tf32"] < 4e-3 and emulated["bf16"] < 2e-2
+    t = torch.from_numpy(qf).cuda()
+    same = kernels.compute_distmat(t, t, precision="bf16")  # torch in, torch out, zero diagonal
+    assert isinstance(same, torch.Tensor) and same.is_cuda and float(same.diagonal().abs().max()) == 0.0
+    bad = cq.copy()
+    bad[1, 2] = cp.nan
+    with pytest.raises(ValueError, match=r"^qf contains NaN or infinite values"):
+        kernels.compute_distmat(bad, cg)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN or infinite values"):
+        kernels.evaluate_ranking(cp.full((3, 4), cp.inf, dtype=cp.float32), [1, 2, 3], [1, 1, 2, 3], [0, 0, 0],
+                                 [1, 1, 1, 1])
