@@ -191,6 +191,9 @@ class FeatureExtractor:
                 if total is None:
                     parts.append(f.clone() if isinstance(embed, _CapturedEmbed) else f)
                 else:
+                    if row + n > total:
+                        raise RuntimeError(f"{desc}: the loader yielded {row + n} images or more but announced "
+                                           f"num_images={total}")
                     if feats is None:
                         feats = torch.empty((total, f.shape[1]), dtype=torch.float32, device=f.device)
                     feats[row:row + n] = f
