@@ -34,7 +34,8 @@ def scaled_counts(dataset: str, scale: float) -> dict[str, int]:
     real = REAL_COUNTS[dataset]
     out = {k: max(4 if "ids" in k else 8, int(round(v * scale))) for k, v in real.items() if k != "cameras"}
     out["cameras"] = real["cameras"]
-    out["train_ids"] = min(out["train_ids"], out["train"] // 4)  # K = 4 images per identity at least
+    # the seed's P = 16 identities per batch where the images allow, K = 4 images per identity at least
+    out["train_ids"] = min(max(out["train_ids"], 16), out["train"] // 4)
     out["test_ids"] = min(out["test_ids"], out["query"])
     return out
 
