@@ -210,11 +210,11 @@ def compute_distmat(qf, gf, metric: str = "cosine", *, precision: str | None = N
             return reference.compute_distmat(q, g, metric)
         return host.compute_distmat(q, g, metric, precision)
     cupy, device, kinds = ctx
-    with _on_device(cupy, device, kinds):
+    with _on_device(cupy, device, kinds):  # the result is handed over on the stream it was made on
         q = _as_cupy(cupy, qf)
         g = q if same else _as_cupy(cupy, gf)
         out = gpu.compute_distmat(q, g, metric, same=same, precision=precision, memory_budget_bytes=budget)
-    return _like(next(k for k in kinds if k), out)
+        return _like(next(k for k in kinds if k), out)
 
 
 def evaluate_ranking(
@@ -261,4 +261,4 @@ def rerank_k_reciprocal(
     with _on_device(cupy, device, kinds):
         out = gpu.rerank_k_reciprocal(*(_as_cupy(cupy, a) for a in args), k1, k2, lambda_value,
                                       memory_budget_bytes=budget)
-    return _like(next(k for k in kinds if k), out)
+        return _like(next(k for k in kinds if k), out)

@@ -660,14 +660,20 @@ def test_dispatch_runs_cupy_work_on_torchs_current_stream(monkeypatch):
     monkeypatch.setattr(gpu, "compute_distmat", record("distmat", np.zeros((2, 2), np.float32)))
     monkeypatch.setattr(gpu, "evaluate_ranking", record("ranking", (np.ones(1, np.float32), 1.0)))
     monkeypatch.setattr(gpu, "rerank_k_reciprocal", record("rerank", np.zeros((1, 2), np.float32)))
+    real_like = kernels._like
+    monkeypatch.setattr(kernels, "_like", lambda kind, a: seen.append(("hand-over", fake.current, kind)) or
+                        real_like(kind, a))
     t = torch.ones(2, 3)
     out = kernels.compute_distmat(t, t, precision="tf32")
     assert isinstance(out, torch.Tensor)  # back as the first device argument's type
     kernels.evaluate_ranking(torch.zeros(1, 2), [1], [1, 2], [0], [1, 1], max_rank=1)
     kernels.rerank_k_reciprocal(torch.zeros(1, 2), torch.zeros(1, 1), torch.zeros(2, 2))
     kernels.compute_distmat(np.ones((2, 3), np.float16), np.ones((2, 3), np.float16))  # CuPy arrays only
-    assert seen == [("distmat", "stream 4245 on 3", "tf32"), ("ranking", "stream 4245 on 3", None),
-                    ("rerank", "stream 4245 on 3", None), ("distmat", "device 3", None)]
+    # results go back to torch on the stream that made them (no cross-stream event needed)
+    assert seen == [("distmat", "stream 4245 on 3", "tf32"), ("hand-over", "stream 4245 on 3", "torch"),
+                    ("ranking", "stream 4245 on 3", None), ("rerank", "stream 4245 on 3", None),
+                    ("hand-over", "stream 4245 on 3", "torch"), ("distmat", "device 3", None),
+                    ("hand-over", "device 3", "cupy")]
     assert fake.current == "cupy-default"  # every context was left
 
 
