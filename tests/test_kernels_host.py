@@ -41,10 +41,12 @@ def blocks(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dim", [16, 4096])
-def test_float32_cosine_within_tolerance_of_the_reference(dim, blocks):
+@pytest.mark.parametrize("dim,dtype", [(16, np.float32), (4096, np.float32), (300, np.float16), (300, np.float64)])
+def test_float32_cosine_within_tolerance_of_the_reference(dim, dtype, blocks):
+    """The same 2e-5 for every input dtype: float16 features are exact in float32, float64 ones
+    add one float32 rounding (~6e-8) of the unit rows."""
     rng = np.random.default_rng(100 + dim)
-    qf, gf = _split(rng, 37, 61, dim)[:2]
+    qf, gf = (x.astype(dtype) for x in _split(rng, 37, 61, dim)[:2])
     qf[4] = 0.0  # a zero row: distance 1 to everything, as sklearn
     gf[9] = 3.0 * qf[2]  # parallel: distance 0
     expected = reference.compute_distmat(qf, gf)
