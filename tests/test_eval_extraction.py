@@ -223,3 +223,31 @@ def test_cuda_captured_extraction_equals_eager_and_never_synchronises(images, pr
     err = float((first.features - eager.features).abs().max())
     print(f"captured vs eager ({precision}): max |diff| {err:.3g}")
     assert err <= tol * float(eager.features.abs().max())
+
+
+def test_evaluate_checkpoint_reads_the_cache_and_saves_features_only_when_asked(tmp_path):
+    """``alr-fast evaluate``: the test set through the evaluation cache, features written when
+    eval.save_features asks, the report next to the checkpoint."""
+    from alr_fast.bench.synthetic_fast import scaled_counts, write_dataset
+    from alr_fast.config import config_to_dict
+    from alr_fast.runs import save_checkpoint
+    from alr_fast.trainer import evaluate_checkpoint
+
+    counts = scaled_counts("market1501", 0.003)
+    write_dataset(tmp_path / "data", "market1501", counts)
+    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", f"data.height={H}",
+                             f"data.width={W}", f"data.root={tmp_path / 'data'}", "run.progress=false",
+                             "run.device=cpu", "data.num_workers=0"])
+    torch.manual_seed(0)
+    task = build_task(cfg, counts["train_ids"])
+    save_checkpoint(tmp_path / "best.pt", {"format": "alr-fast/1", "config": config_to_dict(cfg),
+                                           "task": task.state_dict(), "num_classes": counts["train_ids"]})
+    m = evaluate_checkpoint(tmp_path / "best.pt", [], out=tmp_path / "a")
+    assert m["num_query"] == counts["query"] and m["num_gallery"] == counts["gallery"] and 0 < m["mAP"] <= 1
+    assert not list((tmp_path / "a").glob("features-*.npz")) and list((tmp_path / "a").glob("evaluation-*.json"))
+    exact = evaluate_checkpoint(tmp_path / "best.pt", ["eval.save_features=true", "eval.exact=true",
+                                                       "eval.cache=none"], out=tmp_path / "b")
+    assert exact["mAP"] == pytest.approx(m["mAP"], abs=1e-3)  # the JPEG loader and float64: the same ranking
+    (npz,) = (tmp_path / "b").glob("features-*.npz")
+    saved = np.load(npz)
+    assert saved["query"].shape == (counts["query"], sum(task.model.feature_dims)) and len(saved["gallery_pids"]) == counts["gallery"]
