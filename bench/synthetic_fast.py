@@ -20,7 +20,7 @@ from torchvision.io import encode_jpeg
 
 from alr_fast.pipelines.jpeg_store import JpegStore
 
-# published counts (SPEC B.3): train images / ids, query, gallery (junk dropped), cameras
+# the published counts (the datasets' own papers and the seed's asserts): train images / ids, query, gallery (junk dropped), cameras
 REAL_COUNTS = {
     "market1501": dict(train=12936, train_ids=751, query=3368, gallery=15913, test_ids=750, cameras=6),
     "dukemtmc_reid": dict(train=16522, train_ids=702, query=2228, gallery=17661, test_ids=1110, cameras=8),
