@@ -251,3 +251,20 @@ def test_evaluate_checkpoint_reads_the_cache_and_saves_features_only_when_asked(
     (npz,) = (tmp_path / "b").glob("features-*.npz")
     saved = np.load(npz)
     assert saved["query"].shape == (counts["query"], sum(task.model.feature_dims)) and len(saved["gallery_pids"]) == counts["gallery"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["eval.precision=fp64"], "config key 'eval.precision' must be one of fp32, bf16, fp16; got 'fp64'"),
+    (["eval.rerank_gemm=fp16"], "config key 'eval.rerank_gemm' must be one of float32, tf32, bf16; got 'fp16'"),
+    (["eval.cache=gpu"], "config key 'eval.cache' must be one of auto, device, host, none; got 'gpu'"),
+    (["eval.batch_size=-1"], "config key 'eval.batch_size' must be >= 0; got -1"),
+    (["eval.cache_budget_gb=-2"], "config key 'eval.cache_budget_gb' must be >= 0; got -2.0"),
+    (["eval.exact=true", "eval.rerank_gemm=tf32"],
+     "config key 'eval.rerank_gemm=tf32' contradicts eval.exact=true (the exact path computes every matrix in "
+     "float64); use eval.rerank_gemm=float32"),
+])
+def test_eval_keys_reject_bad_values_naming_the_key(overrides, message):
+    from alr_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{__import__('re').escape(message)}$"):
+        load_config(None, overrides)
