@@ -290,10 +290,23 @@ def evaluate_features(
     """
     budget = dict(memory_budget_bytes=memory_budget_bytes)
     device = query.features.device
-    qg_precision, rr_precision, method = distance_precisions(exact, device.type != "cuda", rerank_gemm)
+    on_host = device.type != "cuda"
+    qg_precision, rr_precision, method = distance_precisions(exact, on_host, rerank_gemm)
     timer = _StageTimer(stage_times, device)
+    # CPU, re-ranking, float32 everywhere: one symmetric matrix of all Q + G items holds q-g, q-q
+    # and g-g, and re-ranking squares it in place (host.rerank_joint: the reference's result bit
+    # for bit on that matrix, without a separate g-g matrix and the reference's transposed copy).
+    # Its "distance" stage then includes the q-q and g-g blocks.
+    joint = None
     with timer("distance"):
-        qg = kernels.compute_distmat(query.features, gallery.features, metric=metric, precision=qg_precision, **budget)
+        if re_ranking and on_host and not exact and rr_precision == "float32":
+            joint = kernels.host.joint_distmat(kernels._to_numpy(query.features), kernels._to_numpy(gallery.features),
+                                               metric, "float32")
+            num_q = len(query.pids)
+            qg = joint[:num_q, num_q:].copy()  # the joint matrix is squared in place below
+        else:
+            qg = kernels.compute_distmat(query.features, gallery.features, metric=metric, precision=qg_precision,
+                                         **budget)
     with timer("ranking"):
         cmc, mAP = kernels.evaluate_ranking(qg, query.pids, gallery.pids, query.camids, gallery.camids,
                                             max_rank=max_rank, method=method, **budget)
@@ -302,11 +315,16 @@ def evaluate_features(
     out["num_query"], out["num_gallery"] = int(len(query.pids)), int(len(gallery.pids))
     if re_ranking:
         with timer("re_ranking"):
-            qq = kernels.compute_distmat(query.features, query.features, metric=metric, precision=rr_precision, **budget)
-            gg = kernels.compute_distmat(gallery.features, gallery.features, metric=metric, precision=rr_precision,
-                                         **budget)
-            rr = kernels.rerank_k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value, **budget)
-            del qq, gg
+            if joint is not None:
+                rr = kernels.host.rerank_joint(joint, len(query.pids), k1, k2, lambda_value)
+                del joint
+            else:
+                qq = kernels.compute_distmat(query.features, query.features, metric=metric, precision=rr_precision,
+                                             **budget)
+                gg = kernels.compute_distmat(gallery.features, gallery.features, metric=metric, precision=rr_precision,
+                                             **budget)
+                rr = kernels.rerank_k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value, **budget)
+                del qq, gg
             cmc_rr, mAP_rr = kernels.evaluate_ranking(
                 rr, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank, method=method, **budget
             )

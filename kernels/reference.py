@@ -219,6 +219,13 @@ def _normalised_square_dist(q_g_dist, q_q_dist, g_g_dist) -> np.ndarray:
     _fill_squared(dist[:num_q, num_q:], q_g_dist, dtype, transpose=False)
     _fill_squared(dist[num_q:, :num_q], q_g_dist, dtype, transpose=True)
     _fill_squared(dist[num_q:, num_q:], g_g_dist, dtype, transpose=True)
+    _normalise_rows(dist)
+    return dist
+
+
+def _normalise_rows(dist: np.ndarray) -> None:
+    """dist /= its row maxima, in place; the maxima must be finite and positive."""
+    n = dist.shape[0]
     row_max = dist.max(axis=1, keepdims=True)  # the column max of the untransposed matrix
     bad = np.flatnonzero(~(np.isfinite(row_max[:, 0]) & (row_max[:, 0] > 0)))
     if bad.size:
@@ -227,7 +234,6 @@ def _normalised_square_dist(q_g_dist, q_q_dist, g_g_dist) -> np.ndarray:
             f"distance of {row_max[bad[0], 0]} (zero to every item, or overflow)"
         )
     dist /= row_max
-    return dist
 
 
 def _top_k_stable(dist: np.ndarray, k: int) -> np.ndarray:
@@ -379,9 +385,13 @@ def rerank_k_reciprocal(
     k1 = check.check_positive_int("k1", k1)
     k2 = check.check_positive_int("k2", k2)
     lambda_value = check.check_unit_interval("lambda_value", lambda_value)
-    num_q = q_g_dist.shape[0]
-
     dist = _normalised_square_dist(q_g_dist, q_q_dist, g_g_dist)
+    return rerank_normalised(dist, q_g_dist.shape[0], k1, k2, lambda_value)
+
+
+def rerank_normalised(dist: np.ndarray, num_q: int, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+    """Steps 2-7 of the module note on the published ``original_dist`` [N, N] float32 (rows
+    normalised; item i < num_q a query). ``dist`` is read, not changed. Returns [Q, G] float32."""
     n = dist.shape[0]
     top = _top_k_stable(dist, min(max(k1 + 1, k2), n))
 

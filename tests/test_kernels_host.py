@@ -169,3 +169,21 @@ def test_public_arguments_are_validated():
     t = torch.from_numpy(x + np.arange(4, dtype=np.float32))
     np.testing.assert_array_equal(kernels.compute_distmat(t, t, precision="float32"),
                                   host.compute_distmat(t.numpy(), t.numpy()))
+
+
+def test_joint_rerank_equals_the_reference_on_its_blocks_bit_for_bit(blocks):
+    """The CPU's fused re-ranking: one exactly symmetric matrix of all items, squared in place."""
+    rng = np.random.default_rng(8)
+    qf, gf = _split(rng, 45, 230, 64)[:2]
+    joint = host.joint_distmat(qf, gf)
+    assert joint.shape == (275, 275) and np.array_equal(joint, joint.T) and not np.diag(joint).any()
+    np.testing.assert_allclose(joint[:45, 45:], reference.compute_distmat(qf, gf), rtol=0, atol=COSINE_ATOL)
+    blocks_ = joint[:45, 45:].copy(), joint[:45, :45].copy(), joint[45:, 45:].copy()
+    for k1, k2, lam in ((20, 6, 0.3), (5, 1, 0.0)):
+        expected = reference.rerank_k_reciprocal(*blocks_, k1, k2, lam)
+        got = host.rerank_joint(joint.copy(), 45, k1, k2, lam)
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match=r"num_q must lie in \[1, 275\)"):
+        host.rerank_joint(joint.copy(), 275)
+    with pytest.raises(ValueError, match=r"^gf contains NaN or infinite values"):
+        host.joint_distmat(qf, np.where(gf > 0.99, np.nan, gf))
