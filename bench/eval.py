@@ -11,9 +11,9 @@
 in one run, on synthetic JPEGs at a dataset's real counts (Market-1501: 3,368 query / 15,913
 gallery; MSMT17: 11,659 / 82,161) times ``--scale``, with a breakdown (cache build, extraction
 images/s, distance, CMC/mAP, re-ranking), the ratio reference / fast, peak device and host memory,
-and two accuracy studies: the mAP of bf16 (and fp16) extraction against fp32, and the re-ranked
-mAP with the tensor-core GEMM options (tf32, bf16) of the re-ranking-only q-q / g-g matrices
-against float32 (on a CPU their rounding is emulated, host.py: the ranking effect is measured,
+and two accuracy studies: the mAP of bf16 (and fp16) extraction against fp32 (``--precision`` is
+the timed one), and the re-ranked mAP with the tensor-core GEMM options (tf32, bf16) of the
+re-ranking-only q-q / g-g matrices against float32 (on a CPU their rounding is emulated, host.py: the ranking effect is measured,
 their speed is a GPU matter). ``--features-only`` skips images and times the kernels on random
 structured 4096-d features at the real counts (what the CPU target is about). Where the
 reference would exceed ``--max-seconds`` it runs on a subset and is extrapolated (linear in the
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: 384 on a GPU, 128 on a CPU")
     p.add_argument("--width", type=int, default=None, help="default: 128 on a GPU, 64 on a CPU")
     p.add_argument("--batch-size", type=int, default=0, help="eval.batch_size (0: auto)")
-    p.add_argument("--precisions", default="fp32,bf16", help="extraction precisions to compare (fp32 is timed)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="eval.precision of the timed fast path (fp32: the default, as the seed)")
+    p.add_argument("--precisions", default="fp32,bf16", help="extraction precisions compared with the timed one")
     p.add_argument("--rerank-gemms", default="float32,tf32,bf16", help="re-ranking GEMM options to compare")
     p.add_argument("--no-re-ranking", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the reference path")
@@ -219,14 +221,15 @@ def _accuracy_studies(args, device, net, data, q32: FeatureSet, g32: FeatureSet,
     """mAP of each extraction precision vs fp32; re-ranked mAP of each re-ranking GEMM vs float32."""
     out: dict = {"precision": {}, "rerank_gemm": {}}
     base = fast_metrics
-    for precision in [p for p in args.precisions.split(",") if p and p != "fp32"]:
+    timed = args.precision
+    for precision in [p for p in args.precisions.split(",") if p and p != timed]:
         _say(f"extraction in {precision} (accuracy study) ...")
         q, g, fig = _fast_path(args, device, net, data, precision, None)
         m = evaluate_features(q, g, re_ranking=False)
-        out["precision"][precision] = {"mAP": m["mAP"], "rank1": m["rank1"], "mAP_minus_fp32": m["mAP"] - base["mAP"],
-                                       "rank1_minus_fp32": m["rank1"] - base["rank1"],
+        out["precision"][precision] = {"mAP": m["mAP"], "rank1": m["rank1"], f"mAP_minus_{timed}": m["mAP"] - base["mAP"],
+                                       f"rank1_minus_{timed}": m["rank1"] - base["rank1"],
                                        "extraction_images_per_s": fig["extraction_images_per_s"],
-                                       "speedup_vs_fp32": base["_extraction_s"] / fig["extraction_s"]}
+                                       f"speedup_vs_{timed}": base["_extraction_s"] / fig["extraction_s"]}
     if not args.no_re_ranking:
         for gemm in [x for x in args.rerank_gemms.split(",") if x]:
             _say(f"re-ranking with {gemm} q-q / g-g GEMMs (accuracy study) ...")
@@ -279,8 +282,8 @@ def run(args) -> dict:
                                                   seed=args.seed), torch.device("cpu"))
         result["dataset"]["generation_s"] = gen_s
         net = _model(args, device)
-        _say(f"fast path: cache build + extraction ({args.backbone} {args.height}x{args.width}, fp32) ...")
-        q, g, fig = _fast_path(args, device, net, data, "fp32", None)
+        _say(f"fast path: cache build + extraction ({args.backbone} {args.height}x{args.width}, {args.precision}) ...")
+        q, g, fig = _fast_path(args, device, net, data, args.precision, None)
         fast.update(fig)
     if device.type == "cuda":  # CuPy compiles its kernels on first use (once per machine): not an evaluation's cost
         start = time.perf_counter()
