@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="benchmarks: train (training step), pipeline (data loaders), kernels (evaluation kernels), capture "
-        "(CUDA-graph capture check of the step)",
+        help="benchmarks: train (training step), pipeline (data loaders), kernels (evaluation kernels), "
+        "eval (one whole evaluation), recipe (the seed's schedule projected), capture (CUDA-graph capture "
+        "check of the step)",
         description="Run a benchmark; 'alr-fast bench WHICH --help' lists its options. Results go to "
         "bench/results/ as JSON (device and versions included) with a plot.",
     )
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # benchmark name -> module under alr_fast.bench with a main(argv) -> int
-BENCHMARKS = {"train": "train", "pipeline": "pipeline", "kernels": "kernels", "capture": "capture"}
+BENCHMARKS = {"train": "train", "pipeline": "pipeline", "kernels": "kernels", "eval": "eval", "recipe": "recipe",
+              "capture": "capture"}
 
 
 def _bench(which: str, argv: list[str]) -> int:

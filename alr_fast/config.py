@@ -126,10 +126,16 @@ class EvalConfig:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
-    batch_size: int = 64
+    batch_size: int = 0  # images per extraction batch; 0: auto (64 on a CPU, by free memory on a GPU)
     max_rank: int = 50
     memory_budget_gb: float = 2.0  # scratch memory of the GPU evaluation kernels beyond inputs and outputs
     save_features: bool = False
+    precision: str = "fp32"  # extraction arithmetic: fp32 as the seed | bf16 | fp16 (autocast, opt-in)
+    exact: bool = False  # true: float64 reference distances and sorted ranking (CPU runs otherwise use float32 BLAS)
+    rerank_gemm: str = "float32"  # GEMM of the q-q and g-g matrices that only feed re-ranking: float32 | tf32 | bf16
+    cache: str = "auto"  # decode-once cache of the query/gallery images: auto | device | host | none (JPEG loader)
+    cache_budget_gb: float = 16.0  # auto keeps the evaluation cache in device memory while it fits this
+    capture: bool = True  # on a GPU: the embedding forward captured in a CUDA graph (false: eager)
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.metric": METRICS,
     "regularizer.implementation": ("fused", "reference"),
     "run.compile": COMPILE_MODES,
+    "eval.precision": ("fp32", "bf16", "fp16"),
+    "eval.rerank_gemm": ("float32", "tf32", "bf16"),
+    "eval.cache": ("auto", "device", "host", "none"),
 }
 
 
@@ -251,7 +260,6 @@ def validate_config(cfg: Config) -> None:
         "data.images_per_identity": cfg.data.images_per_identity,
         "data.steps_per_epoch": cfg.data.steps_per_epoch,
         "eval.every_epochs": cfg.eval.every_epochs,
-        "eval.batch_size": cfg.eval.batch_size,
         "eval.max_rank": cfg.eval.max_rank,
         "run.log_every": cfg.run.log_every,
         "data.dali_threads": cfg.data.dali_threads,
@@ -270,6 +278,8 @@ def validate_config(cfg: Config) -> None:
         "data.dali_source_workers": cfg.data.dali_source_workers,
         "data.gpu_cache_budget_gb": cfg.data.gpu_cache_budget_gb,
         "eval.memory_budget_gb": cfg.eval.memory_budget_gb,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.cache_budget_gb": cfg.eval.cache_budget_gb,
         "data.padding": cfg.data.padding,
         "model.region_num": cfg.model.region_num,
         "data.testing_size": cfg.data.testing_size,
@@ -285,6 +295,9 @@ def validate_config(cfg: Config) -> None:
         )
     if cfg.model.last_stride not in (1, 2):
         raise ConfigError(f"config key 'model.last_stride' must be 1 or 2; got {cfg.model.last_stride}")
+    if cfg.eval.exact and cfg.eval.rerank_gemm != "float32":
+        raise ConfigError(f"config key 'eval.rerank_gemm={cfg.eval.rerank_gemm}' contradicts eval.exact=true "
+                          f"(the exact path computes every matrix in float64); use eval.rerank_gemm=float32")
     if not 0.0 <= cfg.eval.lambda_value <= 1.0:
         raise ConfigError(f"config key 'eval.lambda_value' must lie in [0, 1]; got {cfg.eval.lambda_value}")
 
@@ -420,10 +433,16 @@ KEY_HELP = {
     "eval.k1": "re-ranking k1",
     "eval.k2": "re-ranking k2 (query expansion)",
     "eval.lambda_value": "re-ranking weight of the original distance",
-    "eval.batch_size": "feature-extraction batch size",
+    "eval.batch_size": "feature-extraction batch size; 0: auto (64 on a CPU, by free memory on a GPU)",
     "eval.max_rank": "length of the CMC curve",
     "eval.memory_budget_gb": "scratch memory of the GPU evaluation kernels",
     "eval.save_features": "alr-fast evaluate also writes the features (.npz)",
+    "eval.precision": "feature extraction in fp32 (the seed) | bf16 | fp16 (autocast, faster on a GPU)",
+    "eval.exact": "true: float64 reference distances and sorted ranking; false: float32 BLAS on a CPU",
+    "eval.rerank_gemm": "GEMM of the re-ranking-only q-q/g-g matrices: float32 | tf32 | bf16 (tensor cores)",
+    "eval.cache": "query/gallery decoded once per run: auto | device | host (pinned on a GPU) | none",
+    "eval.cache_budget_gb": "auto keeps the evaluation cache in device memory while it fits this",
+    "eval.capture": "on a GPU, capture the embedding forward in a CUDA graph (false: eager)",
     "run.out_dir": "run directory (never overwritten); empty: runs/<dataset>_<H>x<W>/<backbone>_<P>_<K>",
     "run.seed": "seed of model init, sampler and augmentation (per rank)",
     "run.device": "auto | cpu | cuda | cuda:N",

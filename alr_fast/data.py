@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from .datasets import published_counts_mismatch, read_dataset, select_testing_subset, split_validation
+from .evaluation import auto_batch_size, eval_input_dtype
+from .pipelines.eval_cache import CachedEvalLoader, EvalCachePlan, build_eval_cache, eval_cache_bytes
 from .pipelines.augment import input_style_for
 from .pipelines.gpu_cache import DecodedCacheTrainLoader, choose_train_loader_kind
 from .pipelines.jpeg_store import load_jpeg_store
@@ -74,18 +76,31 @@ def resolve_loader_kind(requested: str, device: torch.device, num_images: int, h
     return requested
 
 
-def _eval_loader(records, what: str, cfg, device, dtype, channels_last: bool, progress: bool, env: DistEnv, kind: str):
+def _eval_loader(records, what: str, cfg, device, channels_last: bool, progress: bool, env: DistEnv, kind: str,
+                 plan: EvalCachePlan):
+    """The loader of one evaluation set: the decode-once cache where ``plan`` places it, else the
+    JPEG loader (DALI or torch). Images come in the dtype of ``eval.precision``."""
     start, stop = shard_range(len(records), env)  # contiguous shards: gathering restores the order
     store, records, _ = _load_store(list(records)[start:stop], what, cfg, progress)
-    args = (store, np.array([r.pid for r in records], dtype=np.int64), np.array([r.camid for r in records], dtype=np.int64))
-    common = dict(height=cfg.data.height, width=cfg.data.width, batch_size=cfg.eval.batch_size, device=device,
+    pids = np.array([r.pid for r in records], dtype=np.int64)
+    camids = np.array([r.camid for r in records], dtype=np.int64)
+    height, width = cfg.data.height, cfg.data.width
+    dtype = eval_input_dtype(cfg.eval.precision, device)
+    common = dict(batch_size=auto_batch_size(cfg.eval.batch_size, device, height, width, dtype), device=device,
                   dtype=dtype, channels_last=channels_last, input_style=input_style_for(cfg.model.backbone_style))
+    placement = plan.placement(eval_cache_bytes(len(store), height, width))
+    if placement != "none":
+        cache = build_eval_cache(store, height, width, placement=placement, device=device,
+                                 num_threads=cfg.data.num_workers or None, progress=progress, desc=f"decoding {what}")
+        log.info("%s: %d images decoded once into %s memory (%.2f GB)", what, len(store),
+                 "device" if placement == "device" and device.type == "cuda" else "host", cache.numel() / 1e9)
+        return CachedEvalLoader(cache, pids, camids, **common)
     if kind == "dali":
         from .pipelines.dali import DaliEvalLoader
 
-        return DaliEvalLoader(*args, **common, device_id=_device_id(device), num_threads=cfg.data.dali_threads,
-                              prefetch_queue_depth=cfg.data.dali_prefetch)
-    return TorchEvalLoader(*args, **common, num_workers=cfg.data.num_workers)
+        return DaliEvalLoader(store, pids, camids, height=height, width=width, **common, device_id=_device_id(device),
+                              num_threads=cfg.data.dali_threads, prefetch_queue_depth=cfg.data.dali_prefetch)
+    return TorchEvalLoader(store, pids, camids, height=height, width=width, **common, num_workers=cfg.data.num_workers)
 
 
 def train_augmentation(d) -> dict:
@@ -125,6 +140,9 @@ def build_data(
 ) -> DataBundle:
     """Read the dataset of ``cfg.data``, verify its JPEGs, and build the train and eval loaders.
 
+    ``dtype`` is the training loader's image dtype; evaluation loaders take that of
+    ``eval.precision``, and decode their sets once into the evaluation cache (``eval.cache``).
+
     With several processes, each rank gets its own sampler stream (seeded with its rank) and a
     contiguous shard of every evaluation set.
     """
@@ -137,8 +155,10 @@ def build_data(
         log.info("note: %s", note)
     bundle = DataBundle(dataset, dataset.num_classes, None)
     kind = resolve_loader_kind(d.loader, device, len(dataset.train), d.height, d.width, d.gpu_cache_budget_gb)
-    # evaluation decodes with DALI when training does, or next to the cache on a GPU
+    # evaluation decodes with DALI when training does, or next to the cache on a GPU (when the
+    # evaluation cache is off or full: otherwise every set is decoded once into the cache)
     eval_kind = "dali" if kind == "dali" or (kind == "cache" and device.type == "cuda" and _dali_available()) else "torch"
+    plan = EvalCachePlan(cfg.eval.cache, int(cfg.eval.cache_budget_gb * 2**30), device)
 
     train_records, train_labels = list(dataset.train), np.asarray(dataset.train_labels)
     if train and d.validation_size > 0:
@@ -147,8 +167,8 @@ def build_data(
         train_labels = np.asarray(train_labels)
         log.info("validation split: %d train images, %d valid query, %d valid gallery", len(train_records), len(vq), len(vg))
         bundle.eval_loaders["valid"] = (
-            _eval_loader(vq, "valid query", cfg, device, dtype, channels_last, progress, env, eval_kind),
-            _eval_loader(vg, "valid gallery", cfg, device, dtype, channels_last, progress, env, eval_kind),
+            _eval_loader(vq, "valid query", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(vg, "valid gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
         )
 
     if d.testing_size > 0:
@@ -156,8 +176,8 @@ def build_data(
         if d.testing_size != 1:
             log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(query), len(gallery))
         bundle.eval_loaders["test"] = (
-            _eval_loader(query, "query", cfg, device, dtype, channels_last, progress, env, eval_kind),
-            _eval_loader(gallery, "gallery", cfg, device, dtype, channels_last, progress, env, eval_kind),
+            _eval_loader(query, "query", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(gallery, "gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
         )
 
     if train:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .config import Config, config_from_dict, config_to_dict, dump_config
 from .data import build_data
-from .evaluation import evaluate_features, extract_features, format_metrics
+from .evaluation import FeatureExtractor, evaluate_features, format_metrics
 from .runs import (
     BEST, CHECKPOINT, CONFIG, JsonlLog, RunDirError, atomic_write_bytes, load_checkpoint, prepare_run_dir,
     save_checkpoint, setup_logging,
@@ -247,33 +247,52 @@ def versions() -> dict[str, str]:
 
 
 def evaluate_splits(
-    task: ReidTask, loaders: dict, cfg: Config, trainer_autocast, progress: bool, splits=None, dist_env: DistEnv | None = None
+    task: ReidTask, loaders: dict, cfg: Config, trainer_autocast=None, progress: bool = False, splits=None,
+    dist_env: DistEnv | None = None, *, keep_features: bool = False, stage_times: dict | None = None,
 ) -> dict:
     """Evaluate the model on each (query, gallery) pair of ``loaders``.
 
-    Each rank extracts features of its contiguous shard; the shards are gathered in rank order,
-    so every rank holds the full feature sets. Returns {split: (metrics, (query, gallery))}.
+    Extraction runs at ``eval.precision`` (``trainer_autocast`` is ignored: the training step's
+    autocast is not the evaluation's; the argument stays for existing callers), captured in a
+    CUDA graph on a GPU (``eval.capture``), one graph for the query and the gallery of a split.
+    Each rank extracts features of its contiguous shard; the shards are gathered in rank order.
+    On a GPU, torch's cached blocks are released before the CuPy kernels run (CuPy cannot use
+    them). Returns {split: (metrics, (query, gallery) FeatureSets if ``keep_features`` else None)}:
+    the feature sets are not kept alive through the next training epochs unless asked for.
+    ``stage_times`` receives seconds per stage ("extraction", "distance", ...; see
+    ``evaluate_features``), device-synchronised: for benchmarks.
     """
     env = dist_env or DistEnv()
     out = {}
     for split, (qloader, gloader) in loaders.items():
         if splits is not None and split not in splits:
             continue
+        extractor = FeatureExtractor(task.model, flip=cfg.eval.flip, precision=cfg.eval.precision,
+                                     capture=None if cfg.eval.capture else False)
         sets = []
+        start = time.perf_counter()
         for loader, part in ((qloader, "query"), (gloader, "gallery")):
-            fs = extract_features(task.model, loader, flip=cfg.eval.flip, precision_ctx=trainer_autocast,
-                                  progress=progress, desc=f"{split} {part}")
+            fs = extractor(loader, progress=progress, desc=f"{split} {part}")
             if env.enabled:
                 fs = FeatureSet(gather_rows(fs.features, env), gather_numpy(fs.pids, env, fs.features.device),
                                 gather_numpy(fs.camids, env, fs.features.device))
             sets.append(fs)
+        del extractor  # frees the CUDA graph's memory pool before the kernels allocate theirs
         q, g = sets
+        if q.features.is_cuda:
+            if stage_times is not None:
+                torch.cuda.synchronize(q.features.device)
+            torch.cuda.empty_cache()
+        if stage_times is not None:
+            stage_times["extraction"] = stage_times.get("extraction", 0.0) + time.perf_counter() - start
         metrics = evaluate_features(
             q, g, metric=cfg.eval.metric, re_ranking=cfg.eval.re_ranking,
             k1=cfg.eval.k1, k2=cfg.eval.k2, lambda_value=cfg.eval.lambda_value, max_rank=cfg.eval.max_rank,
-            memory_budget_bytes=int(cfg.eval.memory_budget_gb * 2**30),
+            memory_budget_bytes=int(cfg.eval.memory_budget_gb * 2**30), exact=cfg.eval.exact,
+            rerank_gemm=cfg.eval.rerank_gemm, stage_times=stage_times,
         ) if env.is_main else {}
-        out[split] = (metrics, (q, g))
+        out[split] = (metrics, (q, g) if keep_features else None)
+        del q, g, sets
     return out
 
 
@@ -600,9 +619,9 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
         task.load_state_dict(state["task"])
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
-    results = evaluate_splits(task, data.eval_loaders, cfg, lambda: autocast_context(device, precision),
-                              cfg.run.progress, splits=["test"])
-    m, (q, g) = results["test"]
+    results = evaluate_splits(task, data.eval_loaders, cfg, progress=cfg.run.progress, splits=["test"],
+                              keep_features=cfg.eval.save_features)
+    m, features = results["test"]
     target = Path(checkpoint)
     folder = Path(out) if out else (target if target.is_dir() else target.parent)
     folder.mkdir(parents=True, exist_ok=True)
@@ -612,7 +631,8 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
         report["keras"] = {"classes": info.num_classes, "dataset_classes": data.num_classes, "tensors": info.tensors,
                            "thetas": len(info.thetas), "regularized": len(task.regularizer), "notes": info.notes}
     atomic_write_bytes(folder / f"evaluation-{stamp}.json", json.dumps(report, indent=1).encode())
-    if cfg.eval.save_features:
+    if features is not None:
+        q, g = features
         np.savez(folder / f"features-{stamp}.npz", query=q.features.cpu().numpy(), gallery=g.features.cpu().numpy(),
                  query_pids=q.pids, gallery_pids=g.pids, query_camids=q.camids, gallery_camids=g.camids)
     try:

@@ -155,3 +155,29 @@ def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def stacked_bar_plot(path: Path, labels: list[str], stages: list[str], values: list[list[float]], ylabel: str,
+                     title: str) -> Path:
+    """One bar per label, stacked by stage (``values[label][stage]``), its total written on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 4.5))
+    bottom = np.zeros(len(labels))
+    for i, stage in enumerate(stages):
+        heights = np.array([v[i] for v in values], dtype=float)
+        if heights.any():
+            ax.bar(labels, heights, bottom=bottom, label=stage)
+        bottom += heights
+    for x, total in enumerate(bottom):
+        ax.text(x, total, bar_label(total), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

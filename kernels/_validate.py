@@ -39,6 +39,30 @@ def check_features(name: str, x, feature_dim: int | None = None, ref_name: str =
         )
 
 
+def nonfinite_message(name: str, x) -> str:
+    """The one-line error for NaN or infinite values in argument ``name``."""
+    return f"{name} contains NaN or infinite values ({describe(x)})"
+
+
+def check_finite(name: str, x) -> None:
+    """ValueError naming ``name`` if the NumPy array ``x`` holds a NaN or an infinity."""
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError(nonfinite_message(name, x))
+
+
+def check_finite_device(xp, named: list[tuple[str, object]]) -> None:
+    """``check_finite`` of several device arrays with one host read: one flag per array,
+    reduced on the device, then copied at once (the call's single synchronisation for it)."""
+    floats = [(n, x) for n, x in named if np.issubdtype(np.dtype(x.dtype), np.floating)]
+    if not floats:
+        return
+    bad = xp.stack([~xp.isfinite(x).all() for _, x in floats])
+    bad = bad if isinstance(bad, np.ndarray) else bad.get()
+    for (name, x), hit in zip(floats, bad):
+        if hit:
+            raise ValueError(nonfinite_message(name, x))
+
+
 def _is_real_numeric(dtype) -> bool:
     dtype = np.dtype(dtype)
     return dtype != np.bool_ and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))

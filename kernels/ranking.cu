@@ -5,7 +5,7 @@
 //   by the key (distance, gallery index), which is exactly a stable ascending sort of the row,
 //   encoded as one uint64: high 32 bits are an order-preserving image of the float32 bits (-0
 //   folded onto +0, every NaN onto one NaN after +inf, as NumPy sorts), low 32 bits the column.
-//   From these counts gpu.py gets each positive's rank in the kept list (junk removed) by a
+//   From these counts ranking.py gets each positive's rank in the kept list (junk removed) by a
 //   prefix sum, then AP and the first-hit rank, without sorting the G items of a row.
 // Layout: dist row-major [rows, ld], unit column stride. For row r the segment
 //   pos_keys[seg_ptr[r] : seg_ptr[r] + pos_len[r]] holds the sorted keys of its positives (the

@@ -2,13 +2,13 @@
 //
 // What: with M = [[qq, qg], [qg^T, gg]] (N = Q + G) the published algorithm works on
 //   dist[i, j] = sq(M[j, i]) / max_k sq(M[k, i]), sq = the square in the inputs' common dtype S
-//   rounded to float32. Row i of dist is COLUMN i of M, so gpu.py walks M by column blocks,
+//   rounded to float32. Row i of dist is COLUMN i of M, so rerank.py walks M by column blocks,
 //   each block a vertical stack of two row-major matrices: (qq, qg^T chunk) for query columns,
 //   (qg, gg) for gallery columns. Nothing of size N x N is ever formed.
 //   column_max_sq  per column (and row slice): max of sq(M[:, i]) as float32 bits, plus a flag
 //                  for non-finite inputs (bit 0 top matrix, bit 1 bottom matrix).
 //   column_topk    per column (and row slice): the k smallest keys (dist[i, j] float32 bits << 32
-//                  | j): the stable-argsort order, ties by ascending j. Slices merge in gpu.py.
+//                  | j): the stable-argsort order, ties by ascending j. Slices merge in rerank.py.
 //   jaccard_accumulate  acc[r, g] += min(V[i, c], V[Q + g, c]) over the nonzeros c of query row
 //                  i = row0 + r, through the inverted (column) index of the gallery rows of V.
 //   rerank_finalize  out = (1 - lambda) * (1 - t / (2 - t)) + lambda * dist[i, Q + g], t = acc.

@@ -15,6 +15,7 @@ from .augment import (
     draw_augment_params,
     normalize,
 )
+from .eval_cache import CachedEvalLoader, EvalCachePlan, build_eval_cache, eval_cache_bytes
 from .gpu_cache import (
     DecodedCacheTrainLoader,
     augment_from_cache,
@@ -31,8 +32,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentParams",
+    "CachedEvalLoader",
     "CorruptImageError",
     "DecodedCacheTrainLoader",
+    "EvalCachePlan",
     "IdentitySampler",
     "JpegStore",
     "TorchEvalLoader",
@@ -40,12 +43,14 @@ __all__ = [
     "augment_batch",
     "augment_from_cache",
     "build_decoded_cache",
+    "build_eval_cache",
     "cache_bytes",
     "choose_train_loader_kind",
     "decode_resize",
     "decode_rgb",
     "decode_store",
     "draw_augment_params",
+    "eval_cache_bytes",
     "find_jpeg_problem",
     "load_jpeg_store",
     "normalize",

@@ -409,7 +409,8 @@ class DaliEvalLoader:
     ``[n*shard_id // num_shards, n*(shard_id+1) // num_shards)`` of the store, so gathering the
     shards in rank order restores the store order. pids/camids are those of the shard.
     ``num_workers`` is accepted for a common signature and not used: the source only slices
-    bytes that are already in memory. Test-time flipping is the evaluator's job.
+    bytes that are already in memory. Test-time flipping is the evaluator's job. pids and camids
+    are yielded as host tensors, as ``TorchEvalLoader`` does; ``num_images`` is the shard's size.
     """
 
     def __init__(
@@ -447,9 +448,11 @@ class DaliEvalLoader:
         start, stop = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
         self.indices = np.arange(start, stop, dtype=np.int64)
         self._blob, self._offsets = pack_store(store)
-        # on the device once: slicing them per batch costs no host-to-device copy
-        self._pids = torch.from_numpy(pids[start:stop]).to(self.device)
-        self._camids = torch.from_numpy(camids[start:stop]).to(self.device)
+        # on the host: extraction never needs them on the device (reading device labels back
+        # would be a synchronisation per batch)
+        self._pids = torch.from_numpy(pids[start:stop])
+        self._camids = torch.from_numpy(camids[start:stop])
+        self.num_images = stop - start
         self._iterator: DALIGenericIterator | None = None
         self._in_sync = False
 

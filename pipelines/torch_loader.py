@@ -2,8 +2,8 @@
 
 Both loaders iterate ``(images, pids, camids)``: images normalised in ``input_style``
 (``augment.InputStyle``: torchvision's or the seed's Caffe preprocessing) ``[B, 3, H, W]`` in
-``dtype`` on ``device``, pids and camids int64 ``[B]`` on ``device``; ``len()`` is the number of
-batches.
+``dtype`` on ``device``, pids and camids int64 ``[B]`` (on ``device`` for training, on the host
+for evaluation); ``len()`` is the number of batches.
 
 Training: the sampler's indices and the augmentation parameters of a whole epoch are drawn in the
 main process (so the output does not depend on ``num_workers``); the DataLoader's items are whole
@@ -105,21 +105,36 @@ def _int64_column(values, n: int, name: str) -> np.ndarray:
 
 
 class _DeviceFinisher:
-    """Moves a uint8 batch to the device and normalises it there in ``style``."""
+    """Moves a uint8 batch to the device and normalises it there in ``style``: the one place where
+    every loader built on it (torch train and eval loaders, the evaluation cache) normalises.
 
-    def __init__(self, device, dtype: torch.dtype, channels_last: bool, style: InputStyle = TORCHVISION_STYLE) -> None:
+    ``labels_on_device=False`` (evaluation) leaves pids/camids on the host: extraction never
+    needs them on the device, and reading them back would be a synchronisation per batch.
+    """
+
+    def __init__(self, device, dtype: torch.dtype, channels_last: bool, style: InputStyle = TORCHVISION_STYLE,
+                 labels_on_device: bool = True) -> None:
         self.device, self.dtype, self.channels_last, self.style = torch.device(device), dtype, channels_last, style
+        self.labels_on_device = labels_on_device
+        # built once: a per-batch torch.tensor(..., device=cuda) would be a blocking copy
         self.mean, self.std = style.device_tensors(self.device)
 
     @property
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
-    def __call__(self, batch: Batch) -> Batch:
-        images, pids, camids = (t.to(self.device, non_blocking=True) for t in batch)
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> normalised [B, 3, H, W] in ``dtype`` on the device."""
+        images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return normalize(images, self.mean, self.std, self.dtype, style=self.style), pids, camids
+        return normalize(images, self.mean, self.std, self.dtype, style=self.style)
+
+    def __call__(self, batch: Batch) -> Batch:
+        images, pids, camids = batch
+        if self.labels_on_device:
+            pids, camids = pids.to(self.device, non_blocking=True), camids.to(self.device, non_blocking=True)
+        return self.images(images), pids, camids
 
 
 def _data_loader(dataset: Dataset, sampler, num_workers: int, pin_memory: bool, persistent: bool) -> DataLoader:
@@ -203,7 +218,9 @@ class TorchTrainLoader:
 class TorchEvalLoader:
     """Resize + normalise every image in store order; the last batch may be smaller.
 
-    Test-time flipping is the evaluator's job (on the device tensor), not the loader's.
+    Yields ``(images [B, 3, H, W] in dtype on device, pids int64 [B], camids int64 [B])`` with the
+    labels on the HOST (extraction never needs them on the device). Test-time flipping is the
+    evaluator's job (on the device tensor), not the loader's. ``num_images``: the store's size.
     """
 
     def __init__(
@@ -228,7 +245,8 @@ class TorchEvalLoader:
             store.data, _int64_column(pids, n, "pids"), _int64_column(camids, n, "camids"), height, width
         )
         keys = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-        self._finish = _DeviceFinisher(device, dtype, channels_last, input_style)
+        self.num_images, self.batch_size = n, batch_size
+        self._finish = _DeviceFinisher(device, dtype, channels_last, input_style, labels_on_device=False)
         self._loader = _data_loader(dataset, keys, num_workers, self._finish.pin_memory, persistent=False)
         self._num_batches = math.ceil(n / batch_size)
 

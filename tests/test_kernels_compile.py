@@ -1,7 +1,7 @@
 """Every CUDA kernel source compiles with NVRTC on the CPU (no GPU needed).
 
 Each ``kernels/*.cu`` is compiled with the options CuPy's RawModule uses at run time
-(``gpu.COMPILE_OPTIONS`` plus what CuPy adds: -arch, --device-as-default-execution-space,
+(``launch.COMPILE_OPTIONS`` plus what CuPy adds: -arch, --device-as-default-execution-space,
 -ftz=true) and every template instantiation the runtime asks for (``gpu.runtime_name_
 expressions()``): to PTX for compute_80 and compute_90, and to a cubin for sm_90, which runs
 ptxas and so also checks the inline PTX. A syntax error in a kernel fails here even on a
@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from alr_fast.kernels import gpu
+from alr_fast.kernels import distance, gpu, launch, ranking
 
 nvrtc = pytest.importorskip(
     "cuda.bindings.nvrtc", reason="NVRTC bindings (cuda-bindings, shipped with CUDA builds of torch)"
@@ -42,7 +42,7 @@ def compile_source(source: str, names, arch: str, filename: str = "kernel.cu"):
     try:
         for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), f"add name {name}")
-        options = [o.encode() for o in (*gpu.COMPILE_OPTIONS, f"-arch={arch}", *CUPY_ADDED_OPTIONS)]
+        options = [o.encode() for o in (*launch.COMPILE_OPTIONS, f"-arch={arch}", *CUPY_ADDED_OPTIONS)]
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         err, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = bytearray(size)  # not b" " * size: for size 1 that is the interned b" ", which the write would corrupt
@@ -68,7 +68,7 @@ def compile_source(source: str, names, arch: str, filename: str = "kernel.cu"):
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_kernel_source_compiles_to_ptx_with_runtime_names(filename, arch):
     names = gpu.runtime_name_expressions()[filename]
-    ptx, lowered = compile_source(gpu.kernel_source(filename), names, arch, filename)
+    ptx, lowered = compile_source(launch.kernel_source(filename), names, arch, filename)
     text = ptx.decode(errors="replace")
     for name, low in lowered.items():
         assert f".entry {low}(" in text, f"{name} ({low}) missing from the PTX of {filename}"
@@ -76,13 +76,13 @@ def test_kernel_source_compiles_to_ptx_with_runtime_names(filename, arch):
 
 @pytest.mark.parametrize("filename", gpu.KERNEL_FILES)
 def test_kernel_source_assembles_to_sm90_cubin(filename):
-    cubin, _ = compile_source(gpu.kernel_source(filename), gpu.runtime_name_expressions()[filename], "sm_90", filename)
+    cubin, _ = compile_source(launch.kernel_source(filename), gpu.runtime_name_expressions()[filename], "sm_90", filename)
     assert cubin[:4] == b"\x7fELF"
 
 
 @pytest.mark.parametrize("filename", gpu.KERNEL_FILES)
 def test_every_kernel_is_instantiated_and_documented(filename):
-    source = gpu.kernel_source(filename)
+    source = launch.kernel_source(filename)
     kernels = set(re.findall(r"__global__\s+void\s+(\w+)", source))
     used = {re.match(r"\w+", name).group(0) for name in gpu.runtime_name_expressions()[filename]}
     assert kernels and kernels == used, f"{filename}: kernels {kernels} vs runtime names {used}"
@@ -93,7 +93,7 @@ def test_every_kernel_is_instantiated_and_documented(filename):
 
 
 def _ptx(filename: str, source: str | None = None) -> str:
-    source = gpu.kernel_source(filename) if source is None else source
+    source = launch.kernel_source(filename) if source is None else source
     ptx, _ = compile_source(source, gpu.runtime_name_expressions()[filename], "compute_90", filename)
     return ptx.decode(errors="replace")
 
@@ -112,7 +112,7 @@ def test_ptx_has_no_flushing_or_contracted_float_instructions(filename):
 
 
 def test_flushing_conversion_is_detected():
-    source = gpu.kernel_source("rerank.cu").replace(
+    source = launch.kernel_source("rerank.cu").replace(
         "as_f64(float x) { return f32_to_f64(x); }", "as_f64(float x) { return (double)x; }")
     assert "cvt.ftz.f64.f32" in _FORBIDDEN_PTX.findall(_ptx("rerank.cu", source))
 
@@ -126,21 +126,21 @@ def test_static_shared_memory_fits_the_default_48_kib(filename):
 
 
 def test_syntax_error_fails_compilation():
-    source = gpu.kernel_source("ranking.cu").replace("const int n_pos = pos_len[row];", "const int n_pos = ;")
+    source = launch.kernel_source("ranking.cu").replace("const int n_pos = pos_len[row];", "const int n_pos = ;")
     with pytest.raises(CompileError, match="error"):
-        compile_source(source, gpu.RANKING_NAMES, "compute_90", "broken.cu")
+        compile_source(source, ranking.RANKING_NAMES, "compute_90", "broken.cu")
 
 
 def test_bad_template_instantiation_fails_compilation():
     # squares in half of a float input are never requested: as_f32(double) does not exist
     with pytest.raises(CompileError):
-        compile_source(gpu.kernel_source("rerank.cu"), ["column_max_sq<double, double, half_t>"], "compute_90")
+        compile_source(launch.kernel_source("rerank.cu"), ["column_max_sq<double, double, half_t>"], "compute_90")
 
 
 def test_bad_inline_ptx_fails_at_assembly():
     # NVRTC copies inline PTX into its output unchecked; ptxas (the cubin step) rejects it
-    source = gpu.kernel_source("distance.cu").replace("cvt.rn.f32.f64", "cvt.rn.f32.f65")
-    names = gpu.distance_names("float32")
+    source = launch.kernel_source("distance.cu").replace("cvt.rn.f32.f64", "cvt.rn.f32.f65")
+    names = distance.distance_names("float32")
     compile_source(source, names, "compute_90")  # PTX text is produced...
     with pytest.raises(CompileError):
         compile_source(source, names, "sm_90")  # ...but does not assemble

@@ -2,7 +2,7 @@
 
 Two groups:
 
-* always run: the algorithms of ``gpu.py`` on the NumPy backend (``gpu.NUMPY_BACKEND``: NumPy
+* always run: the algorithms of ``distance.py``, ``ranking.py`` and ``rerank.py`` on the NumPy backend (``gpu.NUMPY_BACKEND``: NumPy
   emulations of the CUDA kernels, everything around them unchanged) against the NumPy
   reference and the published oracles, with memory budgets small enough to cut every loop into
   many chunks; plus the argument checks of the kernel wrappers and the CPU side of the dispatch.
@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from alr_fast import kernels
-from alr_fast.kernels import gpu, reference
+from alr_fast.kernels import distance, gpu, launch, ranking, reference, rerank
+from alr_fast.kernels import host as host_path
 
 from reference_oracles import brute_force_ranking, published_re_ranking
 
@@ -80,7 +81,7 @@ def test_rank_keys_order_is_numpy_stable_sort_including_special_values():
                              rng.integers(-3, 4, 200).astype(np.float32),
                              rng.normal(size=200).astype(np.float32)])
     values = values[rng.permutation(values.size)]
-    keys = gpu._rank_keys(np, values, np.arange(values.size))
+    keys = launch._rank_keys(np, values, np.arange(values.size))
     np.testing.assert_array_equal(np.argsort(keys), np.argsort(values, kind="stable"))
 
 
@@ -89,21 +90,21 @@ def test_topk_slices_and_merge_equal_stable_argsort(n_slices):
     rng = np.random.default_rng(10 + n_slices)
     a = rng.integers(0, 4, size=(9, 13)).astype(np.float16)  # stacked [9 + 14, 13]: many ties
     b = rng.integers(0, 4, size=(14, 13)).astype(np.float32)
-    col_max, flags = gpu._xp_column_max_sq(np, a, b, np.float32)
+    col_max, flags = rerank._xp_column_max_sq(np, a, b, np.float32)
     sq = np.concatenate([a.astype(np.float32) ** 2, b ** 2]).T  # dist rows = columns of the stack
     np.testing.assert_array_equal(col_max, sq.max(axis=1))
     np.testing.assert_array_equal(flags, 0)
     for k in (1, 5, 23):
-        keys = gpu._xp_column_topk_keys(np, a, b, np.float32, col_max, k, n_slices=n_slices)
+        keys = rerank._xp_column_topk_keys(np, a, b, np.float32, col_max, k, n_slices=n_slices)
         assert keys.shape[1:] == (13, k) and keys.shape[0] == -(-23 // -(-23 // n_slices))
         expected = np.argsort(sq / col_max[:, None], axis=1, kind="stable")[:, :k]
-        np.testing.assert_array_equal(gpu._merge_topk(np, keys, k), expected)
+        np.testing.assert_array_equal(rerank._merge_topk(np, keys, k), expected)
 
 
 def test_column_max_flags_name_the_matrix_with_non_finite_values():
     a, b = np.ones((3, 4)), np.ones((2, 4))
     a[1, 2], b[0, 3] = np.inf, np.nan
-    np.testing.assert_array_equal(gpu._xp_column_max_sq(np, a, b, np.float64)[1], [0, 0, 1, 2])
+    np.testing.assert_array_equal(rerank._xp_column_max_sq(np, a, b, np.float64)[1], [0, 0, 1, 2])
 
 
 def test_count_negatives_before_contract_hand_case():
@@ -113,8 +114,8 @@ def test_count_negatives_before_contract_hand_case():
     dist = np.array([[0.5, 0.5, 0.1, 0.9, 0.2, 0.2]], dtype=np.float32)
     g_code = np.array([0, 1, 0, 0, 1, 0], dtype=np.int32)
     pos = np.array([4, 1])  # sorted by key: (0.2, 4) then (0.5, 1)
-    keys = gpu._rank_keys(np, dist[0, pos], pos)
-    counts = gpu._xp_count_negatives_before(
+    keys = launch._rank_keys(np, dist[0, pos], pos)
+    counts = ranking._xp_count_negatives_before(
         np, dist, np.array([1], np.int32), g_code, np.array([0, 2]), np.array([2], np.int32), keys)
     # before (0.2, 4): column 2 (0.1); between it and (0.5, 1): columns 5 (0.2) and 0 (0.5, index 0)
     np.testing.assert_array_equal(counts, [1, 2])
@@ -122,7 +123,7 @@ def test_count_negatives_before_contract_hand_case():
 
 def test_cost_chunks_respect_the_budget():
     costs = np.array([5, 1, 1, 7, 2, 2, 2, 30, 1])
-    chunks = gpu._cost_chunks(costs, budget=8)
+    chunks = launch._cost_chunks(costs, budget=8)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(costs)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     for start, stop in chunks:
@@ -163,8 +164,8 @@ def test_xp_ranking_special_values_dtypes_and_layouts():
     rng = np.random.default_rng(7)
     distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 30, 64, levels=3)
     distmat[rng.random(distmat.shape) < 0.1] = -0.0  # ties with +0.0 by index, as NumPy
-    distmat[rng.random(distmat.shape) < 0.05] = np.nan  # after everything, ties by index
-    distmat[rng.random(distmat.shape) < 0.05] = np.inf
+    distmat[rng.random(distmat.shape) < 0.05] = 3.4e38  # the largest float32s, ties by index
+    distmat[rng.random(distmat.shape) < 0.05] = 1e-45  # subnormal: no flush to zero
     expected = reference.evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams, 50)
     variants = {
         "float64": distmat,
@@ -183,6 +184,39 @@ def test_xp_ranking_special_values_dtypes_and_layouts():
     ints = rng.integers(0, 4, distmat.shape)
     np.testing.assert_array_equal(gpu.evaluate_ranking(ints, q_pids, g_pids, q_cams, g_cams, backend=NP)[0],
                                   reference.evaluate_ranking(ints, q_pids, g_pids, q_cams, g_cams)[0])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_ranking_rejects_non_finite_distances_on_every_path(value):
+    """Issue 12 item 12: an all-NaN distmat used to give a plausible mAP; every path refuses it."""
+    rng = np.random.default_rng(17)
+    distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 12, 40)
+    distmat = distmat.astype(np.float32)
+    distmat[3, 7] = value
+    message = r"^distmat contains NaN or infinite values \(shape \(12, 40\) float32\)$"
+    for rank in (reference.evaluate_ranking, host_path.evaluate_ranking,
+                 lambda *a: gpu.evaluate_ranking(*a, backend=NP),
+                 lambda *a: kernels.evaluate_ranking(*a, method="count"), kernels.evaluate_ranking):
+        with pytest.raises(ValueError, match=message):
+            rank(distmat, q_pids, g_pids, q_cams, g_cams)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN"):
+        kernels.evaluate_ranking(np.full((12, 40), np.nan), q_pids, g_pids, q_cams, g_cams)
+
+
+@pytest.mark.parametrize("precision", [None, "float64", "float32", "tf32", "bf16"])
+def test_distmat_rejects_non_finite_features_on_every_path(precision):
+    rng = np.random.default_rng(18)
+    qf, gf = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(9, 8)).astype(np.float32)
+    for name, (q, g) in {"qf": (np.where(np.eye(5, 8) > 0, np.nan, qf), gf),
+                         "gf": (qf, np.where(np.eye(9, 8) > 0, -np.inf, gf))}.items():
+        shape = q.shape if name == "qf" else g.shape
+        message = rf"^{name} contains NaN or infinite values \(shape \({shape[0]}, 8\) float32\)$"
+        with pytest.raises(ValueError, match=message):
+            kernels.compute_distmat(q, g, precision=precision)
+        with pytest.raises(ValueError, match=message):
+            gpu.compute_distmat(q, g, precision=precision, backend=NP)
+    with pytest.raises(ValueError, match=r"^qf contains NaN"):
+        kernels.compute_distmat(np.full((3, 4), np.nan, np.float16), np.ones((2, 4), np.float16), precision=precision)
 
 
 def test_xp_ranking_structured_one_by_one_and_errors():
@@ -223,7 +257,7 @@ def _assert_distances_close(got, expected, metric, exact=False):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * max(float(expected.max()), 1.0))
 
 
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_xp_distmat_matches_reference(metric, dtype):
     rng = np.random.default_rng(20 + np.dtype(dtype).itemsize)
@@ -350,14 +384,14 @@ def test_xp_rerank_memory_stays_far_below_the_dense_matrix():
 def test_kernel_wrappers_reject_wrong_dtype_and_layout():
     with pytest.raises(ValueError, match=r"^dist must be a 2-D float32 array \(unit inner\); "
                                          r"got shape \(3, 4\) float64"):
-        gpu._require("dist", np.zeros((3, 4)), np.float32, 2)
+        launch._require("dist", np.zeros((3, 4)), np.float32, 2)
     with pytest.raises(ValueError, match=r"^dist .*got shape \(3, 2\) float32 with strides \(16, 8\)"):
-        gpu._require("dist", np.zeros((3, 4), np.float32)[:, ::2], np.float32, 2)
+        launch._require("dist", np.zeros((3, 4), np.float32)[:, ::2], np.float32, 2)
     with pytest.raises(ValueError, match=r"^keys must be a 1-D uint64 array \(contiguous\)"):
-        gpu._require("keys", np.zeros(8, np.uint64)[::2], np.uint64, 1, "contiguous")
+        launch._require("keys", np.zeros(8, np.uint64)[::2], np.uint64, 1, "contiguous")
     with pytest.raises(ValueError, match=r"^top must be a 2-D .*got shape \(4,\)"):
-        gpu._column_args(np.zeros(4), np.zeros((2, 4)))
-    gpu._require("dist", np.zeros((3, 4), np.float32)[1:], np.float32, 2)  # row views are fine
+        rerank._column_args(np.zeros(4), np.zeros((2, 4)))
+    launch._require("dist", np.zeros((3, 4), np.float32)[1:], np.float32, 2)  # row views are fine
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +453,7 @@ def _launch_every_instantiation(backend) -> None:
     """Call each kernel wrapper once per dtype combination it can dispatch to."""
     floats = [np.dtype(t) for t in _FLOATS]
     for dot_dtype in (np.float32, np.float64):
-        for metric in gpu.METRIC_CODES:
+        for metric in distance.METRIC_CODES:
             backend.distance_epilogue(np.zeros((3, 5), dot_dtype), np.zeros((3, 5), np.float32),
                                       np.ones(3), np.ones(5), metric)
     backend.count_negatives_before(np.zeros((3, 5), np.float32), np.zeros(3, np.int32), np.ones(5, np.int32),
@@ -431,7 +465,7 @@ def _launch_every_instantiation(backend) -> None:
                     continue
                 top, bottom = np.ones((4, 6), a), np.ones((300, 6), b)
                 backend.column_max_sq(top, bottom, s)
-                for k in (1, gpu.TOPK_CAPACITIES[0] + 1):  # the two compiled list sizes
+                for k in (1, rerank.TOPK_CAPACITIES[0] + 1):  # the two compiled list sizes
                     backend.column_topk_keys(top, bottom, s, np.ones(6, np.float32), k)
             if s.itemsize >= a.itemsize:
                 backend.rerank_finalize(np.zeros((2, 6)), np.ones((2, 6), a), np.ones(2, np.float32), s,
@@ -445,7 +479,7 @@ def _launch_every_instantiation(backend) -> None:
 def test_every_launch_matches_the_kernel_signature_and_covers_every_instantiation():
     rec = RecordingLauncher()
     _launch_every_instantiation(gpu.kernel_backend(np, rec, gpu.NUMPY_BACKEND.gemm_f32))
-    sources = {f: gpu.kernel_source(f) for f in gpu.KERNEL_FILES}
+    sources = {f: launch.kernel_source(f) for f in gpu.KERNEL_FILES}
     problems = []
     for filename, names, name, grid, block, args in rec.calls:
         assert name in names, (name, names)
@@ -460,19 +494,19 @@ def test_every_launch_matches_the_kernel_signature_and_covers_every_instantiatio
 
 
 def test_signature_check_catches_count_width_and_template_mismatches():
-    source = gpu.kernel_source("distance.cu")
-    name = gpu.distance_names(np.float32)[0]
+    source = launch.kernel_source("distance.cu")
+    name = distance.distance_names(np.float32)[0]
     args = (np.zeros((2, 2), np.float32), np.int64(2), np.ones(2), np.ones(2), np.int64(2), np.int64(2),
             np.zeros((2, 2), np.float32), np.int64(2))
     assert _launch_mismatches(source, name, args) == []
     assert _launch_mismatches(source, name, args[:-1]) == [f"{name}: 7 arguments for 8 parameters"]
     assert "argument 1: numpy.int64 scalar expected, got int32" in _launch_mismatches(
         source, name, args[:1] + (np.int32(2),) + args[2:])[0]
-    double_name = gpu.distance_names(np.float64)[0]
+    double_name = distance.distance_names(np.float64)[0]
     assert "argument 0: float64 array expected" in _launch_mismatches(source, double_name, args)[0]
     narrowed = source.replace("long long ld_dot", "int ld_dot")
     assert "argument 1: numpy.int32 scalar expected, got int64" in _launch_mismatches(narrowed, name, args)[0]
-    rerank = gpu.kernel_source("rerank.cu")
+    rerank = launch.kernel_source("rerank.cu")
     sigs = _kernel_signatures(rerank)
     assert sigs["column_topk"][0] == ["TA", "TB", "S", "CAP"] and len(sigs["column_topk"][1]) == 11
     assert sigs["jaccard_accumulate"] == ([], [("long long", True), ("int", True), ("float", True),
@@ -507,14 +541,14 @@ def test_leading_dimension_of_single_rows_and_launch_geometry_at_msmt17_scale():
     # A single row's stride is arbitrary (a transposed column has stride 1 element): cuBLAS
     # needs ld >= the row length, so the width is passed; matrices pass their row stride.
     column = np.ones((7, 1), np.float32)
-    assert gpu._is_unit_inner(column.T) and gpu._ld(column.T) == 7
-    assert gpu._ld(np.ones((4, 10), np.float16)[:, 2:5]) == 10
+    assert launch._is_unit_inner(column.T) and launch._ld(column.T) == 7
+    assert launch._ld(np.ones((4, 10), np.float16)[:, 2:5]) == 10
     num_q, num_g = 11659, 82161
-    grid, block = gpu._launch_1d(num_q * num_g)  # grid-stride loops past 65,536 blocks
+    grid, block = launch._launch_1d(num_q * num_g)  # grid-stride loops past 65,536 blocks
     assert grid[0] == 1 << 16 and block[0] == 256
     for n_cols in (1, 128, 3000, num_g):
-        n_slices, per_slice = gpu._column_slices(num_q + num_g, n_cols)
-        assert 1 <= n_slices <= gpu._MAX_SLICES  # gridDim.y
+        n_slices, per_slice = rerank._column_slices(num_q + num_g, n_cols)
+        assert 1 <= n_slices <= rerank._MAX_SLICES  # gridDim.y
         assert (n_slices - 1) * per_slice < num_q + num_g <= n_slices * per_slice
 
 
@@ -554,11 +588,100 @@ def test_dispatch_device_arrays_without_cupy_fall_back_with_a_warning(monkeypatc
         kernels.compute_distmat(qf, qf + 1)
 
 
+def test_dispatch_without_cupy_refuses_sizes_that_would_take_minutes(monkeypatch):
+    """CUDA tensors without CuPy: a warning and the host path while that takes seconds, an error
+    that says to install CuPy beyond ``HOST_FALLBACK_LIMITS`` (scaled down here: the rule is under
+    test, not the timing; the real limits are checked against the two datasets' sizes)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels, "_device_kind", lambda x: "torch" if isinstance(x, torch.Tensor) else None)
+    monkeypatch.setattr(kernels, "_cupy_or_none", lambda: None)
+    limits = dict(kernels.HOST_FALLBACK_LIMITS)
+    monkeypatch.setattr(kernels, "HOST_FALLBACK_LIMITS", {"compute_distmat": ("2 Q G D FLOP", 1000.0),
+                                                          "evaluate_ranking": ("Q G distances", 400.0),
+                                                          "rerank_k_reciprocal": ("(Q + G)^2 elements", 2000.0)})
+    rng = np.random.default_rng(2)
+    g = torch.from_numpy(rng.normal(size=(20, 5)).astype(np.float32))
+    with pytest.raises(RuntimeError, match=r"^compute_distmat: CUDA arrays were given but CuPy is not installed, "
+                                           r"and the NumPy fallback on host copies would take minutes at this size "
+                                           r"\(1\.2e\+03 2 Q G D FLOP, limit 1e\+03\)\. Install .*alr-fast\[cupy\]"):
+        kernels.compute_distmat(g[:6], g)
+    with pytest.warns(RuntimeWarning, match="CuPy is not installed"):
+        small = kernels.compute_distmat(g[:4], g)  # 800 FLOP: the host path
+    np.testing.assert_array_equal(small, reference.compute_distmat(g[:4].numpy(), g.numpy()))
+    distmat, *labels = _tied_problem(rng, 12, 40)
+    with pytest.raises(RuntimeError, match=r"^evaluate_ranking: .*\(480 Q G distances, limit 400\)"):
+        kernels.evaluate_ranking(torch.from_numpy(distmat), *labels)
+    with pytest.raises(RuntimeError, match=r"^rerank_k_reciprocal: .*\(2\.7e\+03 \(Q \+ G\)\^2 elements"):
+        kernels.rerank_k_reciprocal(*(torch.from_numpy(x) for x in _rerank_inputs(rng, 12, 40)))
+    # the measured limits: Market-1501 falls back (slowly), MSMT17 is refused, for every function
+    for (q, g_), refused in (((3368, 15913), False), ((11659, 82161), True)):
+        sizes = {"compute_distmat": 2.0 * max(q, g_) ** 2 * 4096, "evaluate_ranking": float(q * g_),
+                 "rerank_k_reciprocal": float(q + g_) ** 2}
+        assert all((sizes[f] > limits[f][1]) == refused for f in sizes), (q, g_)
+
+
+class _FakeCupy:
+    """Just enough of CuPy's API to see which stream the dispatch runs the GPU path on."""
+
+    def __init__(self):
+        self.current, self.entered = "cupy-default", []
+        fake = self
+
+        class _Context:
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.name
+                fake.entered.append(self.name)
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+        self.cuda = type("cuda", (), {"Device": staticmethod(lambda dev: _Context(f"device {dev}")),
+                                      "ExternalStream": staticmethod(lambda ptr, dev: _Context(f"stream {ptr} on {dev}"))})
+
+
+def test_dispatch_runs_cupy_work_on_torchs_current_stream(monkeypatch):
+    """Issue 9 section 4: CuPy calls that take torch tensors enter an ExternalStream of torch's
+    current stream (pool reuse is then stream-ordered); CuPy arrays keep CuPy's stream."""
+    torch = pytest.importorskip("torch")
+    fake, seen = _FakeCupy(), []
+    monkeypatch.setattr(kernels, "_cupy_or_none", lambda: fake)
+    monkeypatch.setattr(kernels, "_device_kind", lambda x: "torch" if isinstance(x, torch.Tensor) else (
+        "cupy" if isinstance(x, np.ndarray) and x.dtype == np.float16 else None))
+    monkeypatch.setattr(kernels, "_device_index", lambda x, kind: 3)
+    monkeypatch.setattr(kernels, "_torch_stream_ptr", lambda dev: 4242 + dev)
+    monkeypatch.setattr(kernels, "_as_cupy", lambda cp, x: x.numpy() if isinstance(x, torch.Tensor) else x)
+
+    def record(name, result):
+        return lambda *a, **k: seen.append((name, fake.current, k.get("precision"))) or result
+
+    monkeypatch.setattr(gpu, "compute_distmat", record("distmat", np.zeros((2, 2), np.float32)))
+    monkeypatch.setattr(gpu, "evaluate_ranking", record("ranking", (np.ones(1, np.float32), 1.0)))
+    monkeypatch.setattr(gpu, "rerank_k_reciprocal", record("rerank", np.zeros((1, 2), np.float32)))
+    real_like = kernels._like
+    monkeypatch.setattr(kernels, "_like", lambda kind, a: seen.append(("hand-over", fake.current, kind)) or
+                        real_like(kind, a))
+    t = torch.ones(2, 3)
+    out = kernels.compute_distmat(t, t, precision="tf32")
+    assert isinstance(out, torch.Tensor)  # back as the first device argument's type
+    kernels.evaluate_ranking(torch.zeros(1, 2), [1], [1, 2], [0], [1, 1], max_rank=1)
+    kernels.rerank_k_reciprocal(torch.zeros(1, 2), torch.zeros(1, 1), torch.zeros(2, 2))
+    kernels.compute_distmat(np.ones((2, 3), np.float16), np.ones((2, 3), np.float16))  # CuPy arrays only
+    # results go back to torch on the stream that made them (no cross-stream event needed)
+    assert seen == [("distmat", "stream 4245 on 3", "tf32"), ("hand-over", "stream 4245 on 3", "torch"),
+                    ("ranking", "stream 4245 on 3", None), ("rerank", "stream 4245 on 3", None),
+                    ("hand-over", "stream 4245 on 3", "torch"), ("distmat", "device 3", None),
+                    ("hand-over", "device 3", "cupy")]
+    assert fake.current == "cupy-default"  # every context was left
+
+
 def test_import_needs_no_cupy_and_names_are_consistent():
     names = gpu.runtime_name_expressions()
     assert set(names) == set(gpu.KERNEL_FILES)
     assert "column_topk<half_t, half_t, half_t, 32>" in names["rerank.cu"]
-    assert gpu.distance_names(np.float32)[gpu.METRIC_CODES["euclidean"]] == "distance_epilogue<float, 1>"
+    assert distance.distance_names(np.float32)[distance.METRIC_CODES["euclidean"]] == "distance_epilogue<float, 1>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +765,7 @@ _FLOATS = (np.float16, np.float32, np.float64)
 
 
 class HostKernels:
-    """ctypes launcher of the g++-built kernels, with the signature of gpu._cupy_launch."""
+    """ctypes launcher of the g++-built kernels, with the signature of launch._cupy_launch."""
 
     def __init__(self, build_dir):
         import ctypes
@@ -651,7 +774,7 @@ class HostKernels:
         self._ctypes = ctypes
         self._libs, self._shims, self._threaded = {}, {}, {}
         for filename in gpu.KERNEL_FILES:
-            source = gpu.kernel_source(filename)
+            source = launch.kernel_source(filename)
             names = gpu.runtime_name_expressions()[filename]  # every instantiation the wrappers use
             shims = [f'extern "C" void shim_{i}(unsigned gx, unsigned gy, unsigned bx, void** a, int t)'
                      f' {{ run_grid(&{name}, gx, gy, bx, a, t); }}' for i, name in enumerate(names)]
@@ -705,8 +828,7 @@ def test_host_kernels_run_the_whole_ranking(host):
         rng = np.random.default_rng(600 + seed)
         problem = _tied_problem(rng, int(rng.integers(10, 40)), int(rng.integers(30, 300)), levels=4)
         distmat = problem[0] - 2.0  # negative distances too: the sign handling of the keys
-        for value, share in ((-0.0, 0.1), (np.nan, 0.03), (np.copysign(np.nan, -1), 0.03), (np.inf, 0.03),
-                             (-np.inf, 0.03)):
+        for value, share in ((-0.0, 0.1), (1e-45, 0.03), (-1e-45, 0.03), (3.4e38, 0.03), (-3.4e38, 0.03)):
             distmat[rng.random(distmat.shape) < share] = value
         problem = (distmat,) + problem[1:]
         expected = reference.evaluate_ranking(*problem, max_rank=20)
@@ -724,7 +846,7 @@ def test_host_kernels_run_the_whole_ranking(host):
     assert "count_negatives_before" in launcher.launches
 
 
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 def test_host_kernels_run_the_distance_epilogue(host, metric):
     backend, _ = host
     rng = np.random.default_rng(30)
@@ -768,8 +890,8 @@ def test_host_kernels_equal_their_emulations_one_by_one(host):
     np.testing.assert_array_equal(mx, mx_np)
     np.testing.assert_array_equal(flags, flags_np)
     for k in (1, 21, 32, 100):
-        np.testing.assert_array_equal(gpu._merge_topk(np, backend.column_topk_keys(a, b, np.float32, mx, k), k),
-                                      gpu._merge_topk(np, NP.column_topk_keys(a, b, np.float32, mx, k), k))
+        np.testing.assert_array_equal(rerank._merge_topk(np, backend.column_topk_keys(a, b, np.float32, mx, k), k),
+                                      rerank._merge_topk(np, NP.column_topk_keys(a, b, np.float32, mx, k), k))
     a[3, 5], b[7, 9] = np.inf, np.nan
     np.testing.assert_array_equal(backend.column_max_sq(a, b, np.float32)[1], NP.column_max_sq(a, b, np.float32)[1])
     acc = rng.random((6, 50))
@@ -801,7 +923,7 @@ def _noncontiguous(cp, x):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("metric", gpu.METRIC_CODES)
+@pytest.mark.parametrize("metric", distance.METRIC_CODES)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 53, 24), (129, 257, 72)])
 def test_gpu_distmat_matches_reference(cp, metric, dtype, shape):
@@ -941,14 +1063,14 @@ def test_gpu_kernels_equal_their_emulations(cp):
     # column passes, float16 over float32 with squares in float32, 300 columns, 1,000 rows
     a = rng.integers(0, 9, size=(400, 300)).astype(np.float16)
     b = rng.random((600, 300)).astype(np.float32)
-    mx_np, fl_np = gpu._xp_column_max_sq(np, a, b, np.float32)
+    mx_np, fl_np = rerank._xp_column_max_sq(np, a, b, np.float32)
     mx, fl = cb.column_max_sq(cp.asarray(a), cp.asarray(b), np.float32)
     np.testing.assert_array_equal(cp.asnumpy(mx), mx_np)
     np.testing.assert_array_equal(cp.asnumpy(fl), fl_np)
     for k in (1, 21, 32, 100):
         keys = cb.column_topk_keys(cp.asarray(a), cp.asarray(b), np.float32, mx, k)
-        expected = gpu._merge_topk(np, gpu._xp_column_topk_keys(np, a, b, np.float32, mx_np, k), k)
-        np.testing.assert_array_equal(cp.asnumpy(gpu._merge_topk(cp, keys, k)), expected)
+        expected = rerank._merge_topk(np, rerank._xp_column_topk_keys(np, a, b, np.float32, mx_np, k), k)
+        np.testing.assert_array_equal(cp.asnumpy(rerank._merge_topk(cp, keys, k)), expected)
     # ranking counts on a tied block
     distmat, q_pids, g_pids, q_cams, g_cams = _tied_problem(rng, 50, 3000)
     cmc_np = gpu.evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams, backend=NP)
@@ -963,3 +1085,34 @@ def test_gpu_kernels_equal_their_emulations(cp):
     with pytest.raises(ValueError, match=r"^dist must be a 2-D float32 array"):
         cb.count_negatives_before(cp.zeros((2, 3)), cp.zeros(2, cp.int32), cp.zeros(3, cp.int32),
                                   cp.zeros(3, cp.int64), cp.zeros(2, cp.int32), cp.zeros(0, cp.uint64))
+
+
+@pytest.mark.gpu
+def test_gpu_distance_precisions_against_reference_and_emulation(cp):
+    """precision=float64 is the reference to 1e-6; tf32 / bf16 (tensor cores) stay within the
+    bound of their input rounding and close to the host emulation (host.py). Printed first, so
+    that the first GPU run measures the figures even if a bound is off."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(31)
+    qf, gf, *_ = _structured(rng, 300, 2000, dim=512)
+    qf, gf = np.clip(qf, 0, None).astype(np.float32), np.clip(gf, 0, None).astype(np.float32)
+    exact = reference.compute_distmat(qf, gf)
+    cq, cg = cp.asarray(qf), cp.asarray(gf)
+    errors = {p: float(np.abs(cp.asnumpy(kernels.compute_distmat(cq, cg, precision=p)) - exact).max())
+              for p in (None, "float64", "float32", "tf32", "bf16")}
+    emulated = {p: float(np.abs(cp.asnumpy(kernels.compute_distmat(cq, cg, precision=p))
+                                - host_path.compute_distmat(qf, gf, precision=p)).max()) for p in ("tf32", "bf16")}
+    print(f"max |GPU - float64 reference| by precision: {errors}; |GPU - host emulation|: {emulated}")
+    assert errors["float64"] < 1e-6 and errors[None] == errors["float32"] < 2e-5
+    assert errors["tf32"] < 4e-3 and errors["bf16"] < 2e-2
+    assert emulated["tf32"] < 4e-3 and emulated["bf16"] < 2e-2
+    t = torch.from_numpy(qf).cuda()
+    same = kernels.compute_distmat(t, t, precision="bf16")  # torch in, torch out, zero diagonal
+    assert isinstance(same, torch.Tensor) and same.is_cuda and float(same.diagonal().abs().max()) == 0.0
+    bad = cq.copy()
+    bad[1, 2] = cp.nan
+    with pytest.raises(ValueError, match=r"^qf contains NaN or infinite values"):
+        kernels.compute_distmat(bad, cg)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN or infinite values"):
+        kernels.evaluate_ranking(cp.full((3, 4), cp.inf, dtype=cp.float32), [1, 2, 3], [1, 1, 2, 3], [0, 0, 0],
+                                 [1, 1, 1, 1])
