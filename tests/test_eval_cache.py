@@ -46,6 +46,22 @@ def test_cached_batches_equal_the_jpeg_loaders(eval_set, channels_last, monkeypa
     assert loader.nbytes == eval_cache_bytes(37, H, W) == 37 * H * W * 3 and loader.placement == "host"
 
 
+def test_cached_batches_take_the_keras_input_style(eval_set):
+    """The seed's Caffe preprocessing (BGR minus the Keras means) through the cache equals the JPEG
+    loader in that style, and differs from the torchvision style."""
+    from alr_fast.pipelines.augment import input_style_for
+
+    store, pids, camids = eval_set
+    keras = input_style_for("keras")
+    cache = build_eval_cache(store, H, W, num_threads=2)
+    reference = torch.cat([b[0] for b in TorchEvalLoader(store, pids, camids, height=H, width=W, batch_size=8,
+                                                         input_style=keras)])
+    cached = torch.cat([b[0] for b in CachedEvalLoader(cache, pids, camids, batch_size=8, input_style=keras)])
+    assert torch.equal(cached, reference)
+    torchvision = torch.cat([b[0] for b in CachedEvalLoader(cache, pids, camids, batch_size=8)])
+    assert cached.abs().max() > 50 > torchvision.abs().max()  # pixel units minus the mean, not unit scale
+
+
 def test_cached_loader_casts_to_the_requested_dtype(eval_set):
     store, pids, camids = eval_set
     cache = build_eval_cache(store, H, W, placement="host")
