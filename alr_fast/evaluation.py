@@ -70,7 +70,7 @@ def auto_batch_size(requested: int, device: torch.device, height: int, width: in
 
 
 @contextlib.contextmanager
-def _fp32_convolutions(device: torch.device):
+def strict_fp32(device: torch.device):
     """fp32 really is fp32 on a GPU: cuDNN and cuBLAS may not round inputs to TF32 (torch's
     cuDNN default allows it). Process-wide flags, restored on exit."""
     if device.type != "cuda":
@@ -89,7 +89,7 @@ def eval_autocast(device: torch.device, precision: str):
     cache, which CUDA-graph capture must not keep), strict fp32 otherwise."""
     dtype = EVAL_PRECISIONS[precision]
     if dtype is None:
-        return _fp32_convolutions(device)
+        return strict_fp32(device)
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 

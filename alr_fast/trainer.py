@@ -78,17 +78,6 @@ def configure_cuda_math(precision: str) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
-@contextlib.contextmanager
-def strict_fp32():
-    """No TF32 inside the block (e.g. an fp32 evaluation after bf16 training), restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def compile_module(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     """``run.compile`` -> the wrapped module: cudagraphs is torch.compile's CUDA-graph backend over
     AOT-autograd graphs of eager kernels; default / reduce-overhead / max-autotune go through Inductor."""

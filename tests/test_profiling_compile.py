@@ -11,7 +11,8 @@ from alr_fast.profiling import Regions
 from alr_fast.regularizer import AdaptiveL2
 from alr_fast.synthetic import make_synthetic
 from alr_fast.task import ReidTask
-from alr_fast.trainer import Trainer, build_optimizer, configure_cuda_math, input_dtype, resolve_compile, strict_fp32
+from alr_fast.evaluation import strict_fp32
+from alr_fast.trainer import Trainer, build_optimizer, configure_cuda_math, input_dtype, resolve_compile
 
 FACTORS = dict(kernel=0.005, bias=0.005, gamma=0.005, beta=0.005)
 
@@ -128,7 +129,7 @@ def test_cuda_math_settings_for_fp32_and_mixed_precision():
         b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = False, True, True
         configure_cuda_math("bf16")
         assert b.cudnn.benchmark and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32  # torch's defaults kept
-        with strict_fp32():
+        with strict_fp32(torch.device("cuda")):  # only the flags: no GPU needed
             assert not b.cuda.matmul.allow_tf32 and not b.cudnn.allow_tf32
         assert b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
         configure_cuda_math("fp32")
