@@ -89,11 +89,12 @@ def plan(dry_run: bool, results_dir: Path, dali: str) -> list[Stage]:
     stages = [
         Stage("tests_kernels_cache", "gpu-marked tests of the CuPy kernels, the decode-once caches and the loaders",
               [[*PYTEST, "-m", "gpu", *_gpu_test_files(
-                  "test_kernels_gpu.py", "test_gpu_cache.py", "test_eval_cache.py", "test_loaders.py",
-                  "test_evaluation.py", "test_extraction_syncs.py")]], cap_s=90),
+                  "test_kernels_gpu.py", "test_kernels_host.py", "test_gpu_cache.py", "test_eval_cache.py",
+                  "test_eval_extraction.py", "test_loaders.py")]], cap_s=90),
         Stage("capture", "the real three-branch ResNet-50 step captured in CUDA graphs (run.compile=cudagraphs) "
               "against eager: dynamo graphs, cudagraph_skips, losses",
-              [[*CLI, "bench", "capture", "--modes", "cudagraphs", *tiny, *out]], cap_s=100),
+              [[*CLI, "bench", "capture", "--modes", "cudagraphs",
+                *(["--steps-per-phase", "2", "--timed-steps", "2", *tiny] if dry_run else []), *out]], cap_s=100),
         Stage("bench_kernels", "evaluation kernels at Market-1501 and MSMT17 scale against the NumPy reference",
               [[*CLI, "bench", "kernels", "--scales", "market,msmt17", "--repeat", "3", *out]], cap_s=75,
               skip=cupy_skip),
@@ -101,12 +102,20 @@ def plan(dry_run: bool, results_dir: Path, dali: str) -> list[Stage]:
               "captured with run.compile=cudagraphs",
               [[*CLI, "bench", "train", "--modes", "eager_no_penalty,eager_reference,eager_fused,captured_cudagraphs",
                 *train_tiny, *tiny, *out]], cap_s=75),
-        Stage("bench_eval", "end-to-end evaluation (cache, captured extraction, kernels) against the reference path",
-              [[*CLI, "bench", "eval", *(["--device", "cpu"] if dry_run else ["--dataset", "market1501"]), *out]],
-              cap_s=75),
-        Stage("bench_recipe", "one phase-A epoch, one phase-B epoch and one evaluation, projected to the full recipe",
-              [[*CLI, "bench", "recipe", *(["--device", "cpu"] if dry_run else ["--dataset", "market1501"]), *out]],
-              cap_s=90),
+        Stage("bench_eval", "one whole Market-1501 evaluation at the real counts (cache, captured fp32 extraction, "
+              "kernels) against the JPEG + eager + NumPy reference path, with the bf16 and tensor-core GEMM studies",
+              [[*CLI, "bench", "eval", "--dataset", "market1501",
+                *(["--device", "cpu"] if dry_run else ["--scale", "1.0", "--max-seconds", "60"]), *out]], cap_s=75),
+        Stage("bench_recipe", "phase-A and phase-B steps and one evaluation of the Market-1501 ResNet-50 recipe "
+              "(step under run.compile=cudagraphs), projected to the seed's 220 epochs",
+              [[*CLI, "bench", "recipe", "--config", "market1501_resnet50",
+                *(["--device", "cpu"] if dry_run else ["--steps", "30", "--warmup", "5", "--max-seconds", "20"]),
+                *out, "run.compile=cudagraphs"]], cap_s=90),
+        Stage("bench_eval_msmt17", "one whole MSMT17 evaluation at the real counts, bf16 extraction, bf16 "
+              "re-ranking GEMMs beside float32",
+              [[*CLI, "bench", "eval", "--dataset", "msmt17",
+                *(["--device", "cpu"] if dry_run else ["--scale", "1.0", "--max-seconds", "30"]),
+                "--precision", "bf16", "--precisions", "bf16", "--rerank-gemms", "float32,bf16", *out]], cap_s=90),
         Stage("tests_trainer", "gpu-marked tests of the trainer: sync-free steps under set_sync_debug_mode, captured "
               "steps against eager, fused Adam",
               [[*PYTEST, "-m", "gpu and not dali", *_gpu_test_files(
