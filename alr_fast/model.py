@@ -166,7 +166,8 @@ class ReidNet(nn.Module):
         self.region_num = region_num
         self.clip_min, self.clip_max = clip_min, clip_max
         channels = net.layer4[-1].conv3.out_channels if hasattr(net.layer4[-1], "conv3") else net.layer4[-1].conv2.out_channels
-        stripe_channels = channels // 2
+        # the seed's stripe conv: filters = channels // region_num (1024 of 2048 for its two stripes)
+        stripe_channels = channels // max(region_num, 1)
         self.layer4_regional = copy.deepcopy(net.layer4) if region_num > 0 else None
         self.stripe_convs = nn.ModuleList(
             nn.Conv2d(channels, stripe_channels, 3, padding=1, bias=True) for _ in range(region_num)

@@ -49,7 +49,7 @@ def test_stripes_cover_the_map_with_remainder_in_last():
     net = ReidNet(5, "resnet18", region_num=3).eval()
     x = torch.randn(2, 3, 112, 32)  # layer4 map 7x2: stripes of rows 0-1, 2-3 and 4-6
     feats, _ = net(x)
-    assert len(feats) == 4 and feats[1].shape[1] == 256
+    assert len(feats) == 4 and feats[1].shape[1] == 512 // 3  # the seed's stripe width: channels // region_num
     with torch.no_grad():
         r = net.layer4_regional(net.layer3(net.layer2(net.layer1(net.stem(x)))))
         assert r.shape[2] == 7
