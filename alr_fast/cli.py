@@ -226,8 +226,9 @@ def _quickstart_resumable(out: Path, cfg) -> bool:
 def _quickstart(args) -> None:
     import shlex
 
+    from .config import parse_override
     from .synthetic import make_synthetic
-    from .trainer import config_for_resume, evaluate_checkpoint, fit
+    from .trainer import RESUMABLE_OVERRIDES, config_for_resume, evaluate_checkpoint, fit
 
     data_root, out = Path(args.data), Path(args.out)
     if not (data_root / "Market-1501-v15.09.15").is_dir():
@@ -235,9 +236,10 @@ def _quickstart(args) -> None:
     overrides = [f"data.root={data_root}", *args.overrides]
     cfg = load_config("quickstart", overrides)
     again = shlex.join(["alr-fast", "quickstart", "--out", str(out), "--data", str(data_root), *args.overrides])
-    if _quickstart_resumable(out, cfg):
+    if _quickstart_resumable(out, cfg):  # its config equals cfg but for keys a resume may change
         print(f"quickstart: continuing the interrupted run in {out} from its last checkpoint", file=sys.stderr)
-        summary = fit(config_for_resume(out, overrides), out, resume=True, resume_command=again)
+        resumable = [o for o in overrides if parse_override(o)[0] in RESUMABLE_OVERRIDES]
+        summary = fit(config_for_resume(out, resumable), out, resume=True, resume_command=again)
     else:
         summary = fit(cfg, out, resume_command=again, advice="Pass --out DIR for a new quickstart run.")
     result = evaluate_checkpoint(out / "best.pt", [])

@@ -60,10 +60,12 @@ def read_yaml(text: str, source: str):
 def read_yaml_file(path, source: str | None = None):
     """Read and parse a YAML file; a file that is not UTF-8 text is a ConfigError naming it."""
     source = source or f"config file '{path}'"
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source} is not UTF-8 text (line {line} has the byte 0x{raw[exc.start]:02x})") from None
     return read_yaml(text, source)
 
 

@@ -338,9 +338,9 @@ def select_testing_subset(
         _, kept = next(splitter.split(np.arange(len(records)), groups=groups))
     except ValueError as err:
         raise DatasetError(
-            f"data.testing_size={testing_size!r} does not fit the test split: it has {len(np.unique(groups))} "
+            f"data.testing_size={testing_size:g} does not fit the test split: it has {len(np.unique(groups))} "
             f"identity groups ({len(query)} query + {len(gallery)} gallery images, distractors one group), and "
-            f"the subset must leave at least one out ({err})"
+            f"the subset must leave at least one of them out"
         ) from None
     kept = np.sort(kept)
     return (

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -203,14 +202,13 @@ class RunLock:
         os.pwrite(fd, json.dumps(owner).encode(), 0)
         os.fsync(fd)
         self._fd = fd
-        ref = weakref.ref(self)
+        cell = self._cell = [fd]  # shared with the fork hook, which must not keep the lock object alive
 
         def close_in_child() -> None:  # a forked child must not inherit the ownership
-            lock = ref()
-            if lock is not None and lock._fd is not None:
+            if cell[0] is not None:
                 with contextlib.suppress(OSError):
-                    os.close(lock._fd)
-                lock._fd = None
+                    os.close(cell[0])
+                cell[0] = None
 
         os.register_at_fork(after_in_child=close_in_child)
         return self
@@ -219,6 +217,7 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        self._cell[0] = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # before unlocking: a waiter then retries on a fresh file
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -534,12 +534,26 @@ def _create_run_dir(run: _Run, lock: RunLock, resume: bool, advice: str | None, 
         atomic_write_bytes(run.dir / CONFIG, dump_config(run.cfg).encode())
     atomic_write_bytes(run.dir / FACTOR_NAMES, json.dumps(run.names).encode())
     logger = setup_logging(run.dir)
-    if lock.describe_stale():
-        logger.warning("%s", lock.describe_stale())
     if reused:
         logger.info("reusing %s: it holds no checkpoint, only what a start that stopped early wrote; its logs "
                     "start again%s", run.dir, "" if resume else " and config.yaml is this command's")
     logger.info("new run in %s: %s", run.dir, summary)
+
+
+def load_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
+    """``task.load_state_dict(state)``, or a CheckpointError that says briefly how they differ."""
+    own = task.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(missing)} tensor(s) missing (first {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
+                 f"{len(reshaped)} of another shape (first {reshaped[0]}: {list(state[reshaped[0]].shape)} in the file, "
+                 f"{list(own[reshaped[0]].shape)} in the model)" if reshaped else ""]
+        raise CheckpointError(f"{path} does not fit the model its config describes: "
+                              f"{', '.join(p for p in parts if p)}")
+    task.load_state_dict(state)
 
 
 def _restore(run: _Run, ckpt: dict) -> None:
@@ -550,11 +564,7 @@ def _restore(run: _Run, ckpt: dict) -> None:
         for jl in run.logs.values():  # before anything is changed: a damaged log line stops the resume here
             jl.read(strict=True)
         _report_temporaries(run.dir)
-    try:
-        run.task.load_state_dict(ckpt["task"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{run.dir / CHECKPOINT} does not fit the model its config describes: "
-                              f"{' '.join(str(exc).split())[:400]}") from None
+    load_task_state(run.task, ckpt["task"], run.dir / CHECKPOINT)
     run.start, run.global_step, run.best = ckpt["next_index"], ckpt["global_step"], dict(ckpt["best"])
     run.pending_eval, run.checkpoint_epoch = ckpt.get("pending_eval"), ckpt["next_index"]
     if run.start < len(run.plan):
@@ -915,6 +925,7 @@ def evaluate_checkpoint(
     The report says which file and epoch were evaluated. A run directory that receives the
     report is locked for the evaluation's duration.
     """
+    setup_logging(None)
     path, note = resolve_checkpoint(checkpoint)
     if path.suffix == ".h5":
         raise ConfigError(f"{path}: Keras .h5 model files are not readable by this build of alr-fast")
@@ -953,11 +964,7 @@ def _evaluate_state(state: dict, cfg: Config, path: Path, what: str, re_ranking:
     data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                       train=False, progress=cfg.run.progress)
     task = build_task(cfg, int(state["num_classes"])).to(device)
-    try:
-        task.load_state_dict(state["task"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model its config describes: "
-                              f"{' '.join(str(exc).split())[:400]}") from None
+    load_task_state(task, state["task"], path)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     results = evaluate_splits(task, data.eval_loaders, cfg, lambda: autocast_context(device, precision),

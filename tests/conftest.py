@@ -13,3 +13,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The synthetic dataset of run_helpers.TINY, made once per session."""
+    from run_helpers import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """A finished run of run_helpers.TINY (the reference trajectory), trained once per session.
+    Tests must not change it: copy it first."""
+    from run_helpers import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train(run, tiny_data) == 0
+    return run
