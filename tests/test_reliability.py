@@ -82,25 +82,31 @@ def test_extra_last_evaluation_is_report_only():
     assert due == [[], [], [("test", True), ("valid", True)], [("test", False)]]
 
 
-@pytest.mark.slow
-def test_extra_last_evaluation_does_not_select(tiny_data, tmp_path):
-    """epochs=3, every_epochs=2: phase B is evaluated at its epoch 2 (selects) and, as a report
-    only, at its last epoch 3, whose better or worse mAP must not move best.pt."""
-    run = tmp_path / "run"
-    assert train(run, tiny_data, "optim.epochs=3", "eval.every_epochs=2", "run.plots=false",
-                 "optim.freeze_backbone_epochs=0") == 0
-    metrics = JsonlLog(run / "metrics.jsonl").read()
-    assert [(m["epoch"], m.get("report_only", False)) for m in metrics] == [(2, False), (3, True)]
-    best = torch.load(run / "best.pt", weights_only=True)
-    assert best["epoch"] == 2 and best["selected_on"] == "test mAP" and best["metrics"]["mAP"] == metrics[0]["mAP"]
+def test_only_regular_phase_b_evaluations_of_the_monitored_split_select():
+    from alr_fast.trainer import _select
+
+    run = type("R", (), {})()
+    run.selection, run.best, run.last_metrics = "test", {"split": None, "mAP": None, "epoch": None}, {}
+    rows = [  # (record, selects?)
+        ({"epoch": 1, "phase": "A", "split": "test", "mAP": 0.9}, False),  # phase A never selects
+        ({"epoch": 2, "phase": "B", "split": "valid", "mAP": 0.9}, False),  # not the monitored split
+        ({"epoch": 2, "phase": "B", "split": "test", "mAP": 0.3}, True),
+        ({"epoch": 3, "phase": "B", "split": "test", "mAP": 0.3}, False),  # equal is not better (mode max)
+        ({"epoch": 4, "phase": "B", "split": "test", "mAP": 0.5}, True),
+        ({"epoch": 5, "phase": "B", "split": "test", "mAP": 0.9, "report_only": True}, False),  # the extra last one
+    ]
+    assert [_select(run, record) for record, _ in rows] == [want for _, want in rows]
+    assert run.best == {"split": "test", "mAP": 0.5, "epoch": 4}
+    assert run.last_metrics["epoch"] == 5  # still reported as the last metrics
 
 
 @pytest.mark.slow
 def test_validation_selects_without_a_test_split(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert train(run, tiny_data, "data.testing_size=0", "data.validation_size=0.5", "run.plots=false") == 0
-    valid = [m for m in JsonlLog(run / "metrics.jsonl").read() if m["phase"] == "B"]
-    assert [m["split"] for m in valid] == ["valid", "valid"]
+    assert train(run, tiny_data, "data.testing_size=0", "data.validation_size=0.5", "run.plots=false",
+                 "optim.freeze_backbone_epochs=0") == 0
+    valid = JsonlLog(run / "metrics.jsonl").read()
+    assert [(m["split"], m["phase"]) for m in valid] == [("valid", "B"), ("valid", "B")]
     best = torch.load(run / "best.pt", weights_only=True)
     first_max = max(valid, key=lambda m: m["mAP"])  # the first of equal maxima, as Keras' ModelCheckpoint
     assert best["selected_on"] == "valid mAP" and best["epoch"] == first_max["epoch"]
@@ -108,14 +114,18 @@ def test_validation_selects_without_a_test_split(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_re_ranking_during_training_keeps_the_final_model(tiny_data, tmp_path, capsys):
+    """Also: with 3 epochs evaluated every 2, the last epoch's extra evaluation is marked report-only."""
     run = tmp_path / "run"
-    assert train(run, tiny_data, "eval.re_ranking=true", "run.plots=false") == 0
+    assert train(run, tiny_data, "eval.re_ranking=true", "run.plots=false", "optim.freeze_backbone_epochs=0",
+                 "optim.epochs=3", "eval.every_epochs=2") == 0
     err = capsys.readouterr().err
     assert "the seed's selection monitors a metric it does not compute, so it checkpoints nothing" in err
     assert "best.pt: the final model (epoch 3)" in err
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["epoch"] == 3 and best["selected_on"] == "final model"
-    assert all("rr_mAP" in m for m in JsonlLog(run / "metrics.jsonl").read())
+    metrics = JsonlLog(run / "metrics.jsonl").read()
+    assert [(m["epoch"], m.get("report_only", False)) for m in metrics] == [(2, False), (3, True)]
+    assert all("rr_mAP" in m for m in metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,21 +133,21 @@ def test_re_ranking_during_training_keeps_the_final_model(tiny_data, tmp_path, c
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_divergence_stops_before_a_nan_model_is_written(tiny_data, tmp_path, capsys):
-    """lr 1e9 from phase B on: epochs 1-2 are fine, epoch 3's losses turn NaN. The run stops at
-    that log read with exit 5 and one message; checkpoint.pt and best.pt stay those of epoch 2."""
+    """lr_base 1e9 after the one warm-up epoch: epoch 1 is fine, epoch 2's losses turn NaN. The run
+    stops at that log read with exit 5 and one message; checkpoint.pt and best.pt stay epoch 1's."""
     run = tmp_path / "run"
-    assert train(run, tiny_data, "optim.lr_base=1e9", "optim.epochs=3", "run.plots=false") == 5
+    assert train(run, tiny_data, "optim.lr_base=1e9", "optim.freeze_backbone_epochs=0", "run.plots=false") == 5
     line = _last_line(capsys)
     assert line.startswith("alr-fast train: error: training diverged: the losses are not finite (")
-    assert "in epoch 3/4 (phase B). Nothing non-finite was written: the last good checkpoint is " in line
-    assert f"{run}/checkpoint.pt (after epoch 2 of 4). Try a lower learning rate (optim.lr_base, now 1e+09)" in line
+    assert "in epoch 2/2 (phase B). Nothing non-finite was written: the last good checkpoint is " in line
+    assert f"{run}/checkpoint.pt (after epoch 1 of 2). Try a lower learning rate (optim.lr_base, now 1e+09)" in line
     assert line.endswith("in a new run (--out DIR): --resume would repeat the same steps.")
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["next_index"] == 2
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["next_index"] == 1
     assert _all_finite(run / "checkpoint.pt") and _all_finite(run / "best.pt")
     losses = _strict_json_lines(run / "losses.jsonl")
     assert losses[-1]["total"] is None and "total" in losses[-1]["non_finite"]
     assert all(r["total"] is not None for r in losses[:-1])
-    assert [m["epoch"] for m in JsonlLog(run / "metrics.jsonl").read()] == [1, 2]
+    assert [m["epoch"] for m in JsonlLog(run / "metrics.jsonl").read()] == [1]
 
 
 def test_non_finite_weights_are_found_by_name():
