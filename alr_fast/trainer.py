@@ -776,8 +776,10 @@ def _stopped(exc: BaseException, signum: int | None, run_dir: Path, run: _Run | 
     if run is not None and run.checkpoint_epoch:
         state = (f"The last checkpoint is {run_dir / CHECKPOINT} (after epoch {run.checkpoint_epoch} of {len(run.plan)}); "
                  f"continue with: {command}")
-    elif (run_dir / CONFIG).is_file() or (run_dir / CHECKPOINT).is_file():
-        state = f"No checkpoint of this start was written yet; start it again with: {command}"
+    elif (run_dir / CHECKPOINT).is_file():
+        state = f"The last checkpoint is {run_dir / CHECKPOINT}; continue with: {command}"
+    elif (run_dir / CONFIG).is_file():
+        state = f"No checkpoint was written yet; start it again with: {command}"
     else:
         state = "Nothing was written; run the same command again"
     free = " Free some disk space first." if signum is None else ""

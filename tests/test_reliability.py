@@ -377,3 +377,30 @@ def test_damaged_or_hostile_checkpoint_is_refused_by_resume_and_evaluate(tiny_ru
         assert main(argv) == 2
         assert "is refused: it needs the Python object posix.system" in _last_line(capsys)
     assert not marker.exists()
+
+
+@pytest.mark.gpu
+def test_non_finite_check_on_cuda_tensors():
+    """The multi-tensor inf-norm on CUDA (fp32, bf16, channels_last), as the trainer runs it there."""
+    from alr_fast.guards import nonfinite_tensors
+
+    dev = torch.device("cuda")
+    named = [("conv", torch.randn(8, 4, 3, 3, device=dev).to(memory_format=torch.channels_last)),
+             ("bf16", torch.randn(100, device=dev, dtype=torch.bfloat16)), ("big", torch.randn(1 << 20, device=dev)),
+             ("steps", torch.zeros(3, dtype=torch.int64, device=dev))]
+    assert nonfinite_tensors(named) == []
+    named[2][1][12345] = float("nan")
+    named[0][1][1, 2, 0, 1] = float("-inf")
+    assert nonfinite_tensors(named) == ["conv", "big"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_divergence_stops_a_cuda_graph_run(tiny_data, tmp_path, capsys):
+    """On a GPU the step is captured in CUDA graphs (run.compile=auto); the loss and weight checks
+    run outside the graphs and still stop the run before a NaN model is written."""
+    run = tmp_path / "run"
+    assert train(run, tiny_data, "optim.lr_base=1e9", "optim.freeze_backbone_epochs=0", "run.plots=false",
+                 "run.device=cuda", "run.precision=bf16") == 5
+    assert "training diverged" in _last_line(capsys)
+    assert _all_finite(run / "checkpoint.pt") and _all_finite(run / "best.pt")
