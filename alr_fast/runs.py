@@ -340,8 +340,8 @@ def _atomic_write(path: Path, write: Callable[[Any], None], verify: Callable[[Pa
             _fsync_dir(path.parent)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
-            if exc.errno is not None and not exc.filename:
-                raise OSError(exc.errno, f"{exc.strerror} (writing {path})", str(path)) from None
+            if exc.errno is not None and not exc.filename:  # name the file the user knows, not the temporary
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -490,10 +490,15 @@ class JsonlLog:
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(strict_record(record), allow_nan=False) + "\n"
-        with signals_deferred(), open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with signals_deferred(), open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno is None or exc.filename:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def read(self, strict: bool = False) -> list[dict[str, Any]]:
         """The records; a half-written last line (no newline) is skipped. A damaged line

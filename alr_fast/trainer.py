@@ -771,7 +771,8 @@ def _stopped(exc: BaseException, signum: int | None, run_dir: Path, run: _Run | 
     if signum is not None:
         what, code = f"interrupted by {signal.Signals(signum).name}", SIGNAL_EXIT[signum]
     else:
-        what, code = f"stopped: {exc.strerror or exc}", EXIT_DISK_FULL
+        what = f"stopped: {exc.strerror} ({exc.filename})" if exc.filename else f"stopped: {exc.strerror or exc}"
+        code = EXIT_DISK_FULL
     where = run.where if run is not None else "while starting"
     if run is not None and run.checkpoint_epoch:
         state = (f"The last checkpoint is {run_dir / CHECKPOINT} (after epoch {run.checkpoint_epoch} of {len(run.plan)}); "

@@ -7,6 +7,21 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _pristine_alr_fast_logger():
+    """fit() and evaluate route the "alr_fast" logger to the stderr of their moment and stop its
+    propagation; undo that after each test, so that later tests' caplog sees the records."""
+    yield
+    import logging
+
+    logger = logging.getLogger("alr_fast")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

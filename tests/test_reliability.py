@@ -220,26 +220,50 @@ def test_sigterm_a_second_owner_and_resume(tiny_data, tiny_run, tmp_path, capsys
 # an evaluation that fails keeps the epoch it evaluates; resume evaluates it again
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_failing_evaluation_keeps_the_trained_epoch(tiny_data, tiny_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure", ["unreadable query image", "disk full"])
+def test_failing_evaluation_keeps_the_trained_epoch(failure, tiny_data, tiny_run, tmp_path, monkeypatch, capsys):
+    """The second evaluation fails: an image that cannot be decoded (exit 2), or a full disk when
+    its result is logged (exit 1, with how to continue). Epoch 2's checkpoint was written before,
+    and --resume evaluates epoch 2 again and continues on the same trajectory."""
+    import errno
+
     from alr_fast.pipelines.jpeg_store import CorruptImageError
 
-    real, calls = trainer_module.evaluate_splits, []
+    real_eval, real_fsync, evaluations, metric_syncs = trainer_module.evaluate_splits, os.fsync, [], []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def failing_eval(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:
             raise CorruptImageError("query image 0001_c1s1_000001_00.jpg cannot be decoded")
-        return real(*args, **kwargs)
+        return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate_splits", failing)
+    def full_disk(fd):  # the disk fills up as the second evaluation's record is flushed
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            metric_syncs.append(fd)
+            if len(metric_syncs) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    if failure == "disk full":
+        monkeypatch.setattr(os, "fsync", full_disk)
+    else:
+        monkeypatch.setattr(trainer_module, "evaluate_splits", failing_eval)
     run = tmp_path / "run"
-    assert train(run, tiny_data, "run.plots=false") == 2
-    assert "cannot be decoded" in _last_line(capsys)
+    assert train(run, tiny_data, "run.plots=false") == (1 if failure == "disk full" else 2)
+    line = _last_line(capsys)
+    if failure == "disk full":
+        assert line == (f"alr-fast train: stopped: No space left on device ({run}/metrics.jsonl) in the evaluation "
+                        f"after epoch 2/3. The last checkpoint is {run}/checkpoint.pt (after epoch 2 of 3); continue "
+                        f"with: alr-fast train --resume {run}. Free some disk space first.")
+    else:
+        assert line.endswith("query image 0001_c1s1_000001_00.jpg cannot be decoded")
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert (state["next_index"], state["pending_eval"]) == (2, 1)  # epoch 2 was trained and kept
-    monkeypatch.setattr(trainer_module, "evaluate_splits", real)
+    monkeypatch.undo()
     assert main(["train", "--resume", str(run), "run.plots=false"]) == 0
-    assert "evaluating epoch 2 first" in capsys.readouterr().err
+    # the unreadable image stopped the evaluation before its record; the failed flush came after
+    # the record reached the file, which the resume then finds complete instead of evaluating again
+    assert ("evaluating epoch 2 first" in capsys.readouterr().err) == (failure != "disk full")
     _same_logs(run, tiny_run)
 
 
