@@ -209,11 +209,11 @@ def _quickstart_resumable(out: Path, cfg) -> bool:
     a finished one or another run."""
     from .config import config_from_dict
     from .runs import CHECKPOINT, RunDirError, read_checkpoint_config
-    from .trainer import _resume_differences, training_finished
+    from .trainer import resume_differences, training_finished
 
     if not (out / CHECKPOINT).is_file():
         return False
-    differ = _resume_differences(config_from_dict(read_checkpoint_config(out / CHECKPOINT)), cfg)
+    differ = resume_differences(config_from_dict(read_checkpoint_config(out / CHECKPOINT)), cfg)
     if differ:
         raise RunDirError(f"{out} holds a run that is not this quickstart (it differs in {', '.join(differ[:4])}); "
                           f"nothing was changed in it. Pass --out DIR for a new quickstart")

@@ -388,7 +388,7 @@ class _Run:
     where: str = "before the first epoch"  # for the interruption report
 
 
-def _resume_differences(a: Config, b: Config) -> list[str]:
+def resume_differences(a: Config, b: Config) -> list[str]:
     """Keys (other than the resumable ones) whose values differ between two configs."""
     da, db = config_to_dict(a), config_to_dict(b)
     return [f"{s}.{k}" for s in da for k in da[s] if f"{s}.{k}" not in RESUMABLE_OVERRIDES and da[s][k] != db[s][k]]
@@ -407,7 +407,7 @@ def _sync_config_yaml(run_path: Path, cfg: Config) -> None:
         except ConfigError as exc:
             log.warning("%s cannot be used (%s); the checkpoint's own config is used, the file is left as it is", path, exc)
             return
-        differ = _resume_differences(on_disk, cfg)
+        differ = resume_differences(on_disk, cfg)
         if differ:
             od, cd = config_to_dict(on_disk), config_to_dict(cfg)
             shown = "; ".join(f"{k}: {od[k.split('.')[0]][k.split('.')[1]]!r} in the file, "
@@ -473,7 +473,7 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool, lock: RunLock, advice
         if ckpt.get("world_size", 1) != env.world_size:
             raise RunDirError(f"{run_path} was trained with {ckpt.get('world_size', 1)} processes; resume it with as many")
         saved = config_from_dict(ckpt["config"], source=f"the config stored in {run_path / CHECKPOINT}")
-        differ = _resume_differences(saved, cfg)
+        differ = resume_differences(saved, cfg)
         if differ:
             raise ConfigError(f"{', '.join(differ)} cannot change when resuming {run_path} (they would change the "
                               f"schedule or the results); allowed: {', '.join(sorted(RESUMABLE_OVERRIDES))}")

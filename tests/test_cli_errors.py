@@ -4,15 +4,12 @@ before training (most before any image is read), and nothing is left behind (iss
 Each row is (command line, the exact last line of stderr). ``{data}``, ``{tmp}`` and ``{run}``
 stand for the tiny synthetic dataset, the test's folder and a copy of a finished run."""
 import shutil
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 
 from alr_fast.cli import main
 from alr_fast.config import config_to_dict, load_config
-from alr_fast.runs import CHECKPOINT_FORMAT
 
 from run_helpers import TINY
 

@@ -4,7 +4,6 @@ evaluations that fail, early stops; and the seed's model selection rules (issue 
 The reference trajectory is the session's finished TINY run (``tiny_run``): every interrupted
 and resumed run here has the same config, so its logs must equal the reference's."""
 import json
-import math
 import os
 import shutil
 import signal
