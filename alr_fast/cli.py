@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,20 @@ from .config import ConfigError, bundled_config_names, describe_keys, dump_confi
 EPILOG_KEYS = """configuration: --config FILE (or a bundled recipe name) sets the defaults, and any number of
 section.key=value overrides follow, e.g. optim.epochs=5 data.root=/data run.precision=fp16.
 Unknown keys and wrong types are errors that name the key. Keys and their defaults:
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+EPILOG_EVAL = """configuration: an alr-fast checkpoint carries the config it was trained with; section.key=value
+overrides may change where and how it is evaluated (data.root, run.device, eval.*, ...), not the model
+(model.*), nor the input size (data.height, data.width) without --allow-input-change. --config FILE
+gives the config of a model file that carries none. Keys and their defaults:
 """
 
 
@@ -24,7 +39,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alr-fast",
         description="Person re-identification with Adaptive L2 Regularization (Ni, Fang, Huttunen, ICPR 2020).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,12 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         "flip-averaged features of the full query and gallery, and report mAP and CMC. Writes "
         "evaluation-<time>.json and cmc-<time>.png next to the checkpoint.",
         formatter_class=fmt,
-        epilog=EPILOG_KEYS + describe_keys(),
+        epilog=EPILOG_EVAL + describe_keys(),
     )
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory, or one of the seed's Keras training_model.h5")
-    p.add_argument("--config", metavar="FILE", help="for a Keras .h5: the recipe it was trained with (e.g. market1501_resnet50_keras)")
+    p.add_argument("checkpoint", help="a checkpoint file, a run directory (its best.pt, else its checkpoint.pt), or "
+                   "one of the seed's Keras training_model.h5 files")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML recipe (a path or a bundled name) for a model file that carries no alr-fast config, e.g. a Keras "
+        ".h5 with market1501_resnet50_keras; an alr-fast checkpoint carries its own and refuses this",
+    )
     p.add_argument("--re-ranking", action="store_true", help="also report k-reciprocal re-ranked metrics (k1 20, k2 6, lambda 0.3)")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: next to the checkpoint)")
+    p.add_argument("--allow-input-change", action="store_true",
+                   help="accept data.height/data.width overrides that differ from the size the model was trained at")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=/data run.device=cpu")
 
     p = sub.add_parser(
@@ -89,21 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         "from --seed: identities differ in clothing colours and patterns; cameras differ in "
         "illumination, blur, scale and background. Refuses to write into an existing dataset folder.",
     )
-    p.add_argument("--layout", choices=("market1501", "dukemtmc_reid", "msmt17"), default="market1501")
-    p.add_argument("--out", default="data", metavar="DIR", help="dataset root to create the layout folder in (default: data)")
-    p.add_argument("--train-ids", type=int, default=None, help="training identities")
-    p.add_argument("--test-ids", type=int, default=None, help="test identities")
-    p.add_argument("--cameras", type=int, default=None, help="number of cameras")
-    p.add_argument("--images-per-camera", type=int, default=None, help="images per identity and camera")
-    p.add_argument("--seed", type=int, default=0)
+    _add_synthetic_args(p)
 
     p = sub.add_parser(
         "quickstart",
         help="make synthetic data, train on it and evaluate: the whole method in a few CPU minutes",
         description="Runs make-synthetic (Market-1501 layout), train --config quickstart and evaluate, "
-        "then prints mAP, rank-1 and where the plots are.",
+        "then prints mAP, rank-1 and where the plots are. Run again after an interruption, it continues "
+        "the run in --out from its last checkpoint.",
     )
-    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run directory (must not exist yet)")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR",
+                   help="run directory (default: runs/quickstart); an interrupted quickstart there is continued")
     p.add_argument("--data", default="data/quickstart", metavar="DIR", help="where the synthetic dataset goes (reused if present)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra config overrides")
 
@@ -122,6 +141,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(name: str, low: int):
+    """argparse type: an integer >= ``low`` (the synthetic generator's own minimum)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def _add_synthetic_args(p: argparse.ArgumentParser) -> None:
+    """make-synthetic's options, with the generator's real defaults and minimums."""
+    import inspect
+
+    from .synthetic import ARGUMENT_MINIMUMS, make_synthetic
+
+    defaults = {k: v.default for k, v in inspect.signature(make_synthetic).parameters.items()}
+    p.add_argument("--layout", choices=("market1501", "dukemtmc_reid", "msmt17"), default="market1501",
+                   help="dataset layout (default: market1501)")
+    p.add_argument("--out", default="data", metavar="DIR", help="dataset root to create the layout folder in (default: data)")
+    for flag, name, what in (
+        ("--train-ids", "num_train_ids", "training identities"),
+        ("--test-ids", "num_test_ids", "test identities"),
+        ("--cameras", "num_cameras", "number of cameras"),
+        ("--images-per-camera", "images_per_camera", "images per identity and camera"),
+        ("--distractors", "num_distractors", "gallery-only distractor images"),
+    ):
+        low = ARGUMENT_MINIMUMS[name]
+        p.add_argument(flag, dest=name, type=_count("integer", low), default=defaults[name], metavar="N",
+                       help=f"{what} (default: {defaults[name]}; at least {low})")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help=f"random seed (default: {defaults['seed']})")
+
+
 # benchmark name -> module under alr_fast.bench with a main(argv) -> int
 BENCHMARKS = {"train": "train", "pipeline": "pipeline", "kernels": "kernels", "eval": "eval", "recipe": "recipe",
               "capture": "capture"}
@@ -136,17 +194,12 @@ def _bench(which: str, argv: list[str]) -> int:
 def _make_synthetic(args) -> Path:
     from .synthetic import make_synthetic, synthetic_summary
 
-    kwargs = {
-        k: v
-        for k, v in dict(
-            num_train_ids=args.train_ids,
-            num_test_ids=args.test_ids,
-            num_cameras=args.cameras,
-            images_per_camera=args.images_per_camera,
-        ).items()
-        if v is not None
-    }
-    path = make_synthetic(args.out, args.layout, seed=args.seed, progress=True, **kwargs)
+    kwargs = dict(num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids, num_cameras=args.num_cameras,
+                  images_per_camera=args.images_per_camera, num_distractors=args.num_distractors)
+    try:
+        path = make_synthetic(args.out, args.layout, seed=args.seed, progress=True, **kwargs)
+    except ValueError as exc:  # a combination of counts the layout's file names cannot hold
+        raise ConfigError(str(exc)) from None
     print(synthetic_summary(path))
     return path
 
@@ -168,20 +221,66 @@ def _train(args) -> dict:
     return fit(cfg, out)
 
 
-def _quickstart(args) -> None:
-    from .synthetic import make_synthetic
-    from .trainer import evaluate_checkpoint, fit
+def _quickstart_resumable(out: Path, cfg) -> bool:
+    """Whether ``out`` holds an interrupted quickstart to continue; raises RunDirError when it holds
+    a finished one or another run."""
+    from .config import config_from_dict
+    from .runs import CHECKPOINT, RunDirError, read_checkpoint_config
+    from .trainer import resume_differences, training_finished
 
-    data_root = Path(args.data)
+    if not (out / CHECKPOINT).is_file():
+        return False
+    differ = resume_differences(config_from_dict(read_checkpoint_config(out / CHECKPOINT)), cfg)
+    if differ:
+        raise RunDirError(f"{out} holds a run that is not this quickstart (it differs in {', '.join(differ[:4])}); "
+                          f"nothing was changed in it. Pass --out DIR for a new quickstart")
+    if training_finished(out):
+        raise RunDirError(f"{out} already holds a finished quickstart; nothing was changed in it. See its results "
+                          f"with: alr-fast evaluate {out}, or pass --out DIR for a new quickstart")
+    return True
+
+
+def _quickstart(args) -> None:
+    import shlex
+
+    from .config import parse_override
+    from .synthetic import make_synthetic
+    from .trainer import RESUMABLE_OVERRIDES, config_for_resume, evaluate_checkpoint, fit
+
+    data_root, out = Path(args.data), Path(args.out)
     if not (data_root / "Market-1501-v15.09.15").is_dir():
         make_synthetic(data_root, "market1501", seed=0, progress=True)
-    cfg = load_config("quickstart", [f"data.root={data_root}", *args.overrides])
-    summary = fit(cfg, args.out)
-    result = evaluate_checkpoint(Path(args.out) / "best.pt", [])
+    overrides = [f"data.root={data_root}", *args.overrides]
+    cfg = load_config("quickstart", overrides)
+    again = shlex.join(["alr-fast", "quickstart", "--out", str(out), "--data", str(data_root), *args.overrides])
+    if _quickstart_resumable(out, cfg):  # its config equals cfg but for keys a resume may change
+        print(f"quickstart: continuing the interrupted run in {out} from its last checkpoint", file=sys.stderr)
+        resumable = [o for o in overrides if parse_override(o)[0] in RESUMABLE_OVERRIDES]
+        summary = fit(config_for_resume(out, resumable), out, resume=True, resume_command=again)
+    else:
+        summary = fit(cfg, out, resume_command=again, advice="Pass --out DIR for a new quickstart run.")
+    result = evaluate_checkpoint(out / "best.pt", [])
     print()
     print(f"quickstart finished: run directory {summary['run_dir']}")
     print(f"  full test set: mAP {result['mAP']:.4f}, rank-1 {result['rank1']:.4f} (evaluation report {result['report']})")
     print(f"  plots: {Path(summary['run_dir']) / 'plots'} (losses.png, metrics.png, cmc.png, factors.png)")
+
+
+def _evaluate(args) -> None:
+    from .evaluation import format_metrics
+    from .trainer import evaluate_checkpoint
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out,
+                                 config=config, allow_input_change=args.allow_input_change)
+    print(f"evaluated {result['evaluated']}")
+    print(format_metrics(result))
+    print(f"report: {result['report']}")
+
+
+def _is_rank0() -> bool:
+    """Under torchrun only rank 0 reports (the other ranks' summaries hold no metrics)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,19 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     elif rest:
         parser.error(f"'{args.command}' takes no section.key=value overrides: {' '.join(rest)}")
+    from .guards import EXIT_DIVERGED, DivergenceError, RunStopped, Terminated
+
     try:
         if args.command == "train":
             summary = _train(args)
-            if summary:
+            if summary and _is_rank0():
                 print(json.dumps(summary, indent=1))
         elif args.command == "evaluate":
-            from .evaluation import format_metrics
-            from .trainer import evaluate_checkpoint
-
-            result = evaluate_checkpoint(args.checkpoint, args.overrides, re_ranking=args.re_ranking or None, out=args.out,
-                                         config=args.config)
-            print(format_metrics(result))
-            print(f"report: {result['report']}")
+            _evaluate(args)
         elif args.command == "export":
             from .export import export_checkpoint
 
@@ -223,11 +318,17 @@ def main(argv: list[str] | None = None) -> int:
             _quickstart(args)
         elif args.command == "configs":
             print("\n".join(bundled_config_names()))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
+    except RunStopped as exc:
+        print(f"alr-fast {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (KeyboardInterrupt, Terminated) as exc:  # outside training: nothing to resume
+        print(f"alr-fast {args.command}: interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except DivergenceError as exc:
         print(f"alr-fast {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except _user_errors() as exc:
+        print(f"alr-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except compile_errors() as exc:
         import traceback
@@ -248,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error on one line, as the CLI promises (multi-line messages are joined)."""
+    text = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +34,41 @@ COMPILE_MODES = ("auto", "none", "cudagraphs", "default", "reduce-overhead", "ma
 
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema; the message names the key."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads Python's float spellings (``2e-4``, ``1e9``, ``2e-05``).
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot, so ``2e-4`` would load as a
+    string; YAML 1.2 and Python read it as a number. Used for files and overrides alike.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str, source: str):
+    """Parse YAML ``text`` with the project's loader; errors name ``source``."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: builds plain data only
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def read_yaml_file(path, source: str | None = None):
+    """Read and parse a YAML file; a file that is not UTF-8 text is a ConfigError naming it."""
+    source = source or f"config file '{path}'"
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source} is not UTF-8 text (line {line} has the byte 0x{raw[exc.start]:02x})") from None
+    return read_yaml(text, source)
 
 
 @dataclass(frozen=True)
@@ -199,6 +236,13 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` where that is lossless; raise ConfigError otherwise."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -215,8 +259,13 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (known here: {', '.join(known)})")
 
 
-def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
-    """Merge a nested ``{section: {key: value}}`` dict into ``base`` (defaults when None)."""
+def config_from_dict(
+    data: dict[str, Any], base: Config | None = None, source: str = "config", validate: bool = True
+) -> Config:
+    """Merge a nested ``{section: {key: value}}`` dict into ``base`` (defaults when None).
+
+    ``validate=False`` leaves the range and cross-key checks to the caller (``load_config`` runs
+    them once, after the file and the overrides, so an override may repair what a file set)."""
     cfg = base or Config()
     if data is None:
         return cfg
@@ -242,17 +291,35 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             changes[key] = _check_type(full, value, types_[key])
         updates[section] = dataclasses.replace(current, **changes)
     cfg = dataclasses.replace(cfg, **updates)
-    validate_config(cfg)
+    if validate:
+        validate_config(cfg)
     return cfg
 
 
+def _check_split_count(key: str, value: float) -> None:
+    if value > 1 and value != int(value):
+        raise ConfigError(
+            f"config key '{key}' above 1 is a number of {'identities' if 'testing' in key else 'images'} "
+            f"and must be a whole number; got {value}"
+        )
+
+
 def validate_config(cfg: Config) -> None:
-    """Check allowed values and ranges; raise ConfigError naming the key."""
+    """Check allowed values, ranges and rules between keys; raise ConfigError naming the key.
+
+    Everything decidable from the config alone is checked here, before any data is read; rules
+    that need the dataset or the model's shapes live in ``alr_fast.preflight``.
+    """
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    # NaN passes every comparison below, and no key means anything by an infinite value
+    for section, values in config_to_dict(cfg).items():
+        for name, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{section}.{name}' must be a finite number; got {value}")
     positive = {
         "data.height": cfg.data.height,
         "data.width": cfg.data.width,
@@ -260,13 +327,18 @@ def validate_config(cfg: Config) -> None:
         "data.images_per_identity": cfg.data.images_per_identity,
         "data.steps_per_epoch": cfg.data.steps_per_epoch,
         "eval.every_epochs": cfg.eval.every_epochs,
+        "eval.validation_every_epochs": cfg.eval.validation_every_epochs,
         "eval.max_rank": cfg.eval.max_rank,
+        "eval.k1": cfg.eval.k1,
+        "eval.k2": cfg.eval.k2,
         "run.log_every": cfg.run.log_every,
         "data.dali_threads": cfg.data.dali_threads,
         "data.dali_prefetch": cfg.data.dali_prefetch,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
         "optim.lr_steady_epochs": cfg.optim.lr_steady_epochs,
+        "optim.adam_eps": cfg.optim.adam_eps,
+        "model.neck_eps": cfg.model.neck_eps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -285,6 +357,11 @@ def validate_config(cfg: Config) -> None:
         "data.testing_size": cfg.data.testing_size,
         "data.validation_size": cfg.data.validation_size,
         "run.profile_steps": cfg.run.profile_steps,
+        "optim.lr_start": cfg.optim.lr_start,
+        "optim.lr_end": cfg.optim.lr_end,
+        "optim.lr_base": cfg.optim.lr_base,
+        "optim.lr_lower_bound": cfg.optim.lr_lower_bound,
+        "optim.lr_drop_factor": cfg.optim.lr_drop_factor,
     }.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0; got {value}")
@@ -293,6 +370,15 @@ def validate_config(cfg: Config) -> None:
             f"config key 'model.backbone' must be one of {', '.join(KERAS_BACKBONES)} with model.backbone_style=keras; "
             f"got {cfg.model.backbone!r}"
         )
+    for key, value in {
+        "optim.adam_beta1": cfg.optim.adam_beta1,
+        "optim.adam_beta2": cfg.optim.adam_beta2,
+        "optim.label_smoothing": cfg.optim.label_smoothing,
+    }.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key '{key}' must lie in [0, 1); got {value}")
+    if not 0.0 <= cfg.model.bn_momentum <= 1.0:
+        raise ConfigError(f"config key 'model.bn_momentum' must lie in [0, 1]; got {cfg.model.bn_momentum}")
     if cfg.model.last_stride not in (1, 2):
         raise ConfigError(f"config key 'model.last_stride' must be 1 or 2; got {cfg.model.last_stride}")
     if cfg.eval.exact and cfg.eval.rerank_gemm != "float32":
@@ -300,6 +386,38 @@ def validate_config(cfg: Config) -> None:
                           f"(the exact path computes every matrix in float64); use eval.rerank_gemm=float32")
     if not 0.0 <= cfg.eval.lambda_value <= 1.0:
         raise ConfigError(f"config key 'eval.lambda_value' must lie in [0, 1]; got {cfg.eval.lambda_value}")
+    if cfg.model.clip_min >= cfg.model.clip_max:
+        raise ConfigError(
+            f"config key 'model.clip_min' ({cfg.model.clip_min}) must be below 'model.clip_max' "
+            f"({cfg.model.clip_max}): every feature would be the same constant"
+        )
+    _check_split_count("data.testing_size", cfg.data.testing_size)
+    _check_split_count("data.validation_size", cfg.data.validation_size)
+    if cfg.data.images_per_identity < 2:
+        raise ConfigError(
+            f"config key 'data.images_per_identity' must be >= 2; got {cfg.data.images_per_identity}: "
+            f"with one image per identity no anchor of the triplet loss has a positive"
+        )
+    if cfg.optim.freeze_backbone_epochs + cfg.optim.epochs == 0:
+        raise ConfigError(
+            "config keys 'optim.freeze_backbone_epochs' and 'optim.epochs' are both 0: there is nothing to train"
+        )
+    _check_schedule(cfg.optim)
+
+
+def _check_schedule(o: OptimConfig) -> None:
+    """The learning-rate modes' own preconditions (SPEC B.9.2), found now instead of at an epoch start."""
+    if o.lr_mode == "constant" and o.lr_start != o.lr_end:
+        raise ConfigError(f"optim.lr_mode=constant needs optim.lr_start == optim.lr_end; got {o.lr_start} and {o.lr_end}")
+    if o.lr_mode == "cosine" and not o.lr_start > o.lr_end:
+        raise ConfigError(f"optim.lr_mode=cosine needs optim.lr_start > optim.lr_end; got {o.lr_start} and {o.lr_end}")
+    if o.lr_mode == "default" and o.lr_drop_factor == 0:
+        if o.epochs == 2 * o.lr_warmup_epochs:
+            raise ConfigError(
+                "optim.lr_drop_factor=0 derives the factor from optim.epochs - 2 * optim.lr_warmup_epochs, which is 0"
+            )
+        if o.lr_base <= 0 or o.lr_lower_bound <= 0:
+            raise ConfigError("optim.lr_drop_factor=0 derives the factor from log(lr_base / lr_lower_bound): both must be > 0")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -310,16 +428,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if key.count(".") != 1:
         raise ConfigError(f"override key '{key}' must be section.key (e.g. optim.epochs=5)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
+    value = read_yaml(raw, f"override '{text}': the value") if raw.strip() else ""
     if value is None:
         value = raw
     return key, value
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def apply_overrides(cfg: Config, overrides: list[str], validate: bool = True) -> Config:
     nested: dict[str, dict[str, Any]] = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -329,7 +444,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if section in types_ and _field_types(types_[section]).get(name) is str and not isinstance(value, str):
             value = text.split("=", 1)[1].strip()
         nested.setdefault(section, {})[name] = value
-    return config_from_dict(nested, cfg, source="command line")
+    return config_from_dict(nested, cfg, source="command line", validate=validate)
 
 
 def bundled_config_names() -> list[str]:
@@ -352,16 +467,15 @@ def resolve_config_path(name_or_path: str) -> Path | Any:
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file or bundled recipe, then the overrides; validated once at the end."""
     cfg = Config()
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{name_or_path}' is not valid YAML: {exc}") from None
-        cfg = config_from_dict(data, cfg, source=str(name_or_path))
+        cfg = config_from_dict(read_yaml_file(path, f"config file '{name_or_path}'"), cfg, source=str(name_or_path),
+                               validate=False)
     if overrides:
-        cfg = apply_overrides(cfg, overrides)
+        cfg = apply_overrides(cfg, overrides, validate=False)
+    validate_config(cfg)
     return cfg
 
 
@@ -425,7 +539,7 @@ KEY_HELP = {
     "optim.adam_beta2": "Adam beta2",
     "optim.tf_adam_step": "parameters unfrozen in phase B start at the global Adam step (TF)",
     "optim.label_smoothing": "label smoothing of the identity loss",
-    "eval.every_epochs": "test evaluation every N epochs within each phase (and at the end)",
+    "eval.every_epochs": "test evaluation every N epochs within each phase (plus a report-only one at the end)",
     "eval.validation_every_epochs": "validation evaluation every N epochs",
     "eval.flip": "average features with the horizontally flipped image's",
     "eval.metric": "cosine | euclidean | sqeuclidean",
@@ -460,13 +574,27 @@ KEY_HELP = {
 }
 
 
+def format_value(value: Any) -> str:
+    """A config value spelled as a user types it in YAML or an override: ``true``, ``2e-5``, ``""``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}e{int(exponent)}" if e else text  # 2e-05 -> 2e-5
+    if isinstance(value, str):
+        # quote only what YAML would read as something else (empty, a number, a bool, null)
+        return value if value and isinstance(read_yaml(value, "value"), str) else f'"{value}"'
+    return str(value)
+
+
 def describe_keys() -> str:
     """One line per key with its default and what it does, for ``--help``."""
     lines = []
     defaults = config_to_dict(Config())
     for section, values in defaults.items():
         for key, value in values.items():
-            name = f"{section}.{key}={value!r}"
+            name = f"{section}.{key}={format_value(value)}"
             lines.append(f"  {name:<40} {KEY_HELP.get(f'{section}.{key}', '')}".rstrip())
     return "\n".join(lines)
 

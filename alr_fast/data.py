@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import preflight
 from .datasets import published_counts_mismatch, read_dataset, select_testing_subset, split_validation
 from .evaluation import auto_batch_size, eval_input_dtype
 from .pipelines.eval_cache import CachedEvalLoader, EvalCachePlan, build_eval_cache, eval_cache_bytes
@@ -160,29 +161,41 @@ def build_data(
     eval_kind = "dali" if kind == "dali" or (kind == "cache" and device.type == "cuda" and _dali_available()) else "torch"
     plan = EvalCachePlan(cfg.eval.cache, int(cfg.eval.cache_budget_gb * 2**30), device)
 
+    # every record set first, checked before any image is decoded (alr_fast.preflight)
     train_records, train_labels = list(dataset.train), np.asarray(dataset.train_labels)
+    valid = None
     if train and d.validation_size > 0:
         gallery_fraction = len(dataset.gallery) / max(len(dataset.query) + len(dataset.gallery), 1)
         train_records, train_labels, vq, vg = split_validation(dataset, d.validation_size, gallery_fraction)
         train_labels = np.asarray(train_labels)
         log.info("validation split: %d train images, %d valid query, %d valid gallery", len(train_records), len(vq), len(vg))
-        bundle.eval_loaders["valid"] = (
-            _eval_loader(vq, "valid query", cfg, device, channels_last, progress, env, eval_kind, plan),
-            _eval_loader(vg, "valid gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
-        )
-
+        preflight.check_evaluable(vq, vg, "validation", "data.validation_size")
+        valid = (vq, vg)
+    test = None
     if d.testing_size > 0:
-        query, gallery = select_testing_subset(dataset.query, dataset.gallery, d.testing_size)
+        test = select_testing_subset(dataset.query, dataset.gallery, d.testing_size)
         if d.testing_size != 1:
-            log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(query), len(gallery))
+            log.info("testing_size=%s: %d query and %d gallery images", d.testing_size, len(test[0]), len(test[1]))
+        preflight.check_evaluable(*test, "test", "data.testing_size")
+    if train:
+        preflight.check_sampler(train_labels, d.identities_per_batch, d.images_per_identity, dataset.num_classes)
+
+    if valid is not None:
+        bundle.eval_loaders["valid"] = (
+            _eval_loader(valid[0], "valid query", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(valid[1], "valid gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
+        )
+    if test is not None:
         bundle.eval_loaders["test"] = (
-            _eval_loader(query, "query", cfg, device, channels_last, progress, env, eval_kind, plan),
-            _eval_loader(gallery, "gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(test[0], "query", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(test[1], "gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
         )
 
     if train:
         store, kept_records, kept = _load_store(train_records, "train", cfg, progress)
         labels = np.asarray(train_labels)[kept]
+        if len(kept) < len(train_records):  # data.skip_corrupt dropped some: the sampler's rule again
+            preflight.check_sampler(labels, d.identities_per_batch, d.images_per_identity, dataset.num_classes)
         sampler = IdentitySampler(
             labels,
             P=d.identities_per_batch,

@@ -337,10 +337,11 @@ def select_testing_subset(
     try:
         _, kept = next(splitter.split(np.arange(len(records)), groups=groups))
     except ValueError as err:
-        raise ValueError(
-            f"testing subset with testing_size={testing_size!r} over {len(np.unique(groups))} identity "
-            f"groups ({len(query)} query + {len(gallery)} gallery images) failed: {err}"
-        ) from err
+        raise DatasetError(
+            f"data.testing_size={testing_size:g} does not fit the test split: it has {len(np.unique(groups))} "
+            f"identity groups ({len(query)} query + {len(gallery)} gallery images, distractors one group), and "
+            f"the subset must leave at least one of them out"
+        ) from None
     kept = np.sort(kept)
     return (
         tuple(records[i] for i in kept if i < len(query)),
@@ -361,10 +362,10 @@ def _stratified_split(labels: np.ndarray, size: float | int, what: str) -> tuple
     try:
         return next(splitter.split(np.arange(len(labels)), y=labels))
     except ValueError as err:
-        raise ValueError(
+        raise DatasetError(
             f"{what} with test_size={size!r} over {len(labels)} images of {len(np.unique(labels))} "
             f"identities failed: {err}"
-        ) from err
+        ) from None
 
 
 def split_validation(
@@ -392,9 +393,9 @@ def split_validation(
         raise ValueError("gallery_fraction must be > 0: the validation gallery would be empty")
 
     labels = np.asarray(dataset.train_labels)
-    train_idx, valid_idx = _stratified_split(labels, size, f"validation split of {dataset.name} training images")
+    train_idx, valid_idx = _stratified_split(labels, size, f"data.validation_size={validation_size!r}: the validation split of {dataset.name} training images")
     query_idx, gallery_idx = _stratified_split(
-        labels[valid_idx], fraction, f"split of the {dataset.name} validation images into query and gallery"
+        labels[valid_idx], fraction, f"data.validation_size={validation_size!r}: the split of the {dataset.name} validation images into query and gallery"
     )
     valid = [dataset.train[i] for i in valid_idx]
     return (

@@ -41,6 +41,7 @@ def load_inference_task(checkpoint: str | Path, config: str | None = None, overr
     from .keras_weights import is_keras_file, load_keras_training_model
     from .runs import load_checkpoint
     from .task import build_task
+    from .trainer import load_task_state
 
     if is_keras_file(checkpoint):
         cfg = load_config(config, overrides or [])
@@ -50,7 +51,7 @@ def load_inference_task(checkpoint: str | Path, config: str | None = None, overr
     cfg = apply_overrides(config_from_dict(state["config"], source=str(checkpoint)), overrides or [])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
     task = build_task(cfg, int(state["num_classes"]))
-    task.load_state_dict(state["task"])
+    load_task_state(task, state["task"], Path(checkpoint))
     return task, cfg
 
 

@@ -381,6 +381,14 @@ def _write_msmt17_lists(rng: np.random.Generator, folder: pathlib.Path, shots: l
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
+# smallest allowed value of each count: every query needs a match in another camera (2 cameras,
+# 2 images per camera: one query, one gallery image)
+ARGUMENT_MINIMUMS = {
+    "num_train_ids": 1, "num_test_ids": 1, "num_cameras": 2, "images_per_camera": 2, "num_distractors": 0,
+    "num_junk": 0,
+}
+
+
 def _check_arguments(
     layout: str,
     num_train_ids: int,
@@ -395,14 +403,15 @@ def _check_arguments(
 ) -> None:
     if layout not in LAYOUT_FOLDERS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_FOLDERS)}")
-    for name, value, low in (
-        ("num_train_ids", num_train_ids, 1),
-        ("num_test_ids", num_test_ids, 1),
-        ("num_cameras", num_cameras, 2),
-        ("images_per_camera", images_per_camera, 2),
-        ("num_distractors", num_distractors, 0),
-        ("num_junk", num_junk, 0),
+    for name, value in (
+        ("num_train_ids", num_train_ids),
+        ("num_test_ids", num_test_ids),
+        ("num_cameras", num_cameras),
+        ("images_per_camera", images_per_camera),
+        ("num_distractors", num_distractors),
+        ("num_junk", num_junk),
     ):
+        low = ARGUMENT_MINIMUMS[name]
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if num_cameras > _MAX_CAMERAS[layout]:

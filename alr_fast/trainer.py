@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, config_from_dict, config_to_dict, dump_config
+from . import preflight
+from .config import (
+    Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, parse_override, read_yaml_file,
+)
 from .data import build_data
 from .evaluation import FeatureExtractor, evaluate_features, format_metrics
+from .guards import (
+    EXIT_DISK_FULL, SIGNAL_EXIT, DivergenceError, RunStopped, StopSignals, Terminated, divergence_advice,
+    nonfinite_tensors,
+)
 from .runs import (
-    BEST, CHECKPOINT, CONFIG, JsonlLog, RunDirError, atomic_write_bytes, load_checkpoint, prepare_run_dir,
-    save_checkpoint, setup_logging,
+    BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, FACTOR_NAMES, LOCK, LOGS, CheckpointError, JsonlLog, RunDirError,
+    RunLock, atomic_write_bytes, check_new_run_dir, check_resume_dir, is_disk_full, is_run_dir, load_checkpoint,
+    peek_checkpoint, read_checkpoint_config, remove_temporaries, resolve_checkpoint, save_checkpoint, setup_logging, strict_record,
 )
 from .schedule import learning_rate, schedule_from_config
 from .distributed import DistEnv, all_reduce_mean, barrier, gather_numpy, gather_objects, gather_rows, init_distributed, shutdown
@@ -32,7 +42,6 @@ from .profiling import Regions, step_profiler
 from .task import ReidTask, build_task
 
 log = logging.getLogger("alr_fast")
-FACTOR_NAMES = "factor_names.json"
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # keys that may change when a run is resumed: they do not alter the schedule or the results
@@ -228,7 +237,8 @@ def plan_epochs(freeze_epochs: int, epochs: int) -> list[EpochPlan]:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    # plain str: torch.__version__ is a str subclass, which weights_only loading would refuse
+    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name()
@@ -311,9 +321,15 @@ class _LossMeter:
         return dict(zip(keys, mean.tolist()))  # host sync
 
 
-def _checkpoint_state(run: "_Run", next_index: int) -> dict:
+def _checkpoint_state(run: "_Run", next_index: int, pending_eval: int | None) -> dict:
+    """Everything a resume needs, as tensors and plain data (loaded with weights_only=True).
+
+    ``pending_eval``: the epoch (0-based) whose evaluation had not run when this was written; the
+    checkpoint comes before the evaluation, so a failing or interrupted evaluation keeps the
+    epoch just trained, and a resume evaluates that epoch again before training on.
+    """
     return {
-        "format": "alr-fast/1",
+        "format": CHECKPOINT_FORMAT,
         "config": config_to_dict(run.cfg),
         "task": run.task.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -322,27 +338,68 @@ def _checkpoint_state(run: "_Run", next_index: int) -> dict:
         "loader": gather_objects(run.loader.state_dict(), run.env),
         "world_size": run.env.world_size,
         "next_index": next_index,
+        "pending_eval": pending_eval,
         "global_step": run.global_step,
-        "best": run.best,
-        "factor_names": run.names,
-        "classes": np.asarray(run.data.dataset.classes),
+        "best": dict(run.best),
+        "factor_names": list(run.names),
+        "classes": [int(c) for c in run.data.dataset.classes],
         "num_classes": run.data.num_classes,
         "versions": versions(),
     }
 
 
-def _model_state(task, cfg, epoch: EpochPlan, metrics: dict, classes) -> dict:
+def _model_state(task, cfg, epoch: EpochPlan, metrics: dict, classes, selected_on: str) -> dict:
     return {
-        "format": "alr-fast/1",
+        "format": CHECKPOINT_FORMAT,
         "config": config_to_dict(cfg),
         "task": task.state_dict(),
         "epoch": epoch.index + 1,
         "phase": epoch.phase,
+        "selected_on": selected_on,
         "metrics": metrics,
-        "classes": np.asarray(classes),
+        "classes": [int(c) for c in classes],
         "num_classes": len(classes),
         "versions": versions(),
     }
+
+
+def selection_split(cfg: Config) -> str | None:
+    """The split whose mAP selects ``best.pt`` (SPEC B.9.3, as the seed's ModelCheckpoint monitors).
+
+    The seed monitors the non-re-ranked test mAP, or the validation mAP when there is no test
+    evaluation (testing_size 0). With re-ranking during training it computes only re-ranked
+    metrics, so the monitored key never exists: nothing is selected and the final model is kept.
+    """
+    if cfg.eval.re_ranking:
+        return None
+    if cfg.data.testing_size > 0:
+        return "test"
+    return "valid" if cfg.data.validation_size > 0 else None
+
+
+def evaluations_due(cfg: Config, ep: EpochPlan, num_epochs: int) -> list[tuple[str, bool]]:
+    """The splits evaluated after ``ep``, each with whether it is on the seed's cadence
+    ((epoch + 1) % N == 0 within the phase). The extra test evaluation at the last epoch, when the
+    epoch count is not a multiple of eval.every_epochs, is a report only: it never selects."""
+    due = []
+    if cfg.data.testing_size > 0:
+        regular = (ep.epoch + 1) % cfg.eval.every_epochs == 0
+        if regular or ep.index == num_epochs - 1:
+            due.append(("test", regular))
+    if cfg.data.validation_size > 0 and (ep.epoch + 1) % cfg.eval.validation_every_epochs == 0:
+        due.append(("valid", True))
+    return due
+
+
+def _describe_selection(split: str | None, cfg: Config) -> str:
+    if split == "test":
+        return "best.pt: the phase-B epoch with the best test mAP (the seed's model selection)"
+    if split == "valid":
+        return "best.pt: the phase-B epoch with the best validation mAP (data.testing_size=0, as the seed selects)"
+    if cfg.eval.re_ranking:
+        return ("best.pt: the final model. With eval.re_ranking=true the seed's selection monitors a metric it "
+                "does not compute, so it checkpoints nothing and keeps the final model; so does alr-fast")
+    return "best.pt: the final model (no test or validation evaluation to select on)"
 
 
 @dataclass
@@ -361,28 +418,110 @@ class _Run:
     plan: list[EpochPlan]
     names: list[str]
     logs: dict[str, JsonlLog]
+    precision: str = "fp32"
     start: int = 0
     global_step: int = 0
-    best: dict = dataclasses.field(default_factory=lambda: {"mAP": -1.0, "epoch": None})
+    pending_eval: int | None = None
+    checkpoint_epoch: int | None = None  # epochs the latest checkpoint.pt covers (None: none yet)
+    selection: str | None = None
+    best: dict = dataclasses.field(default_factory=lambda: {"split": None, "mAP": None, "epoch": None})
     last_metrics: dict = dataclasses.field(default_factory=dict)
+    where: str = "before the first epoch"  # for the interruption report
 
 
-def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
+def resume_differences(a: Config, b: Config) -> list[str]:
+    """Keys (other than the resumable ones) whose values differ between two configs."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    return [f"{s}.{k}" for s in da for k in da[s] if f"{s}.{k}" not in RESUMABLE_OVERRIDES and da[s][k] != db[s][k]]
+
+
+def _sync_config_yaml(run_path: Path, cfg: Config) -> None:
+    """On resume the checkpoint's config is the truth; config.yaml is reported when it says
+    otherwise (it is then left as the user edited it), and rewritten when it is merely stale."""
+    path = run_path / CONFIG
+    if path.is_file():
+        try:
+            data = read_yaml_file(path, str(path))
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path} is empty or not a mapping")
+            on_disk = config_from_dict(data, source=str(path))
+        except ConfigError as exc:
+            log.warning("%s cannot be used (%s); the checkpoint's own config is used, the file is left as it is", path, exc)
+            return
+        differ = resume_differences(on_disk, cfg)
+        if differ:
+            od, cd = config_to_dict(on_disk), config_to_dict(cfg)
+            shown = "; ".join(f"{k}: {od[k.split('.')[0]][k.split('.')[1]]!r} in the file, "
+                              f"{cd[k.split('.')[0]][k.split('.')[1]]!r} in the checkpoint" for k in differ[:5])
+            log.warning("%s differs from the checkpoint's config (%s). The checkpoint's config is used and the file is "
+                        "left as it is; a change of these keys needs a new run", path, shown)
+            return
+        if on_disk == cfg:
+            return
+    else:
+        log.warning("%s is missing: written again from the checkpoint's config", path)
+    atomic_write_bytes(path, dump_config(cfg).encode())
+
+
+def _restore_factor_names(run_path: Path, names: list[str], saved: list[str] | None) -> None:
+    if saved is not None and list(saved) != list(names):
+        raise RunDirError(f"{run_path}: the checkpoint's regularized tensors differ from the model's "
+                          f"({len(saved)} saved, {len(names)} built)")
+    path = run_path / FACTOR_NAMES
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == list(names):
+            return
+        log.warning("%s does not match the checkpoint: written again", path)
+    except FileNotFoundError:
+        log.warning("%s is missing: written again from the checkpoint", path)
+    except (ValueError, UnicodeDecodeError):
+        log.warning("%s is damaged: written again from the checkpoint", path)
+    atomic_write_bytes(path, json.dumps(list(names)).encode())
+
+
+def _report_temporaries(run_path: Path) -> None:
+    removed = remove_temporaries(run_path)
+    if removed:
+        log.info("removed %d temporary file(s) that an interrupted write left (%s, %.1f MB)", len(removed),
+                 ", ".join(n for n, _ in removed), sum(s for _, s in removed) / 1e6)
+
+
+def _start(cfg: Config, run_dir: str | Path, resume: bool, lock: RunLock, advice: str | None) -> _Run:
     """Check the run directory, read the data, build model/optimizer and restore a checkpoint.
 
-    The run directory is created only once the data has been read: a typo in data.root must not
-    leave a half-made run directory behind that blocks the corrected command.
+    A new run directory is created only once the data has been read and the model built: a
+    typo in data.root or unreachable ImageNet weights leave nothing behind. A directory that
+    holds no checkpoint (a start that failed or was stopped before its first checkpoint) does not
+    block a retry: the same command reuses it, and --resume starts it again from epoch 1 with its
+    config.yaml. An existing directory is owned (``lock``) from the first moment it is used.
     """
     env = init_distributed(cfg.run.device)
     main = env.is_main
+    run_path = Path(run_dir)
     # only rank 0 judges the directory: the others would see the one rank 0 is about to create
-    run_path = prepare_run_dir(run_dir, resume=resume, create=False) if main else Path(run_dir)
-    logger = setup_logging(run_path if (resume and main) else None, level=logging.INFO if main else logging.WARNING)
-    ckpt = load_checkpoint(run_path / CHECKPOINT) if resume else None
+    has_ckpt = resume and (run_path / CHECKPOINT).is_file()
+    if main:
+        has_ckpt = _judge_run_dir(run_path, resume, advice)
+        if run_path.is_dir():
+            lock.acquire()
+            has_ckpt = _judge_run_dir(run_path, resume, advice)  # again, now that nobody else can change it
+    logger = setup_logging(run_path if (lock.held and main) else None, level=logging.INFO if main else logging.WARNING)
+    if lock.describe_stale():
+        logger.warning("%s", lock.describe_stale())
+    preflight.check_model_input(cfg)  # before any data is read
+    ckpt = load_checkpoint(run_path / CHECKPOINT) if resume and has_ckpt else None
     if ckpt is not None:
         if ckpt.get("world_size", 1) != env.world_size:
             raise RunDirError(f"{run_path} was trained with {ckpt.get('world_size', 1)} processes; resume it with as many")
+        saved = config_from_dict(ckpt["config"], source=f"the config stored in {run_path / CHECKPOINT}")
+        differ = resume_differences(saved, cfg)
+        if differ:
+            raise ConfigError(f"{', '.join(differ)} cannot change when resuming {run_path} (they would change the "
+                              f"schedule or the results); allowed: {', '.join(sorted(RESUMABLE_OVERRIDES))}")
         logger.info("resuming %s at epoch %d (step %d)", run_path, ckpt["next_index"] + 1, ckpt["global_step"])
+    elif resume and main:
+        logger.info("%s has no checkpoint yet (the start stopped before its first one): training from epoch 1 "
+                    "with its config.yaml", run_path)
     torch.manual_seed(cfg.run.seed)
     if env.enabled and cfg.run.device in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank)  # one GPU per rank
@@ -392,42 +531,113 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool) -> _Run:
     channels_last = cfg.run.channels_last and device.type == "cuda"
     data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                       progress=cfg.run.progress and main, dist_env=env)
-    if not resume:
-        if main:
-            prepare_run_dir(run_path)
-            logger = setup_logging(run_path)
-            atomic_write_bytes(run_path / CONFIG, dump_config(cfg).encode())
-            logger.info("new run in %s: %s", run_path, data.dataset.summary())
-        barrier(env)
-    logger.info("device %s, precision %s, compile %s, %d process(es), torch %s", device, precision,
-                resolve_compile(cfg.run.compile, device), env.world_size, torch.__version__)
-    task = build_task(cfg, data.num_classes).to(device)
+    task = build_task(cfg, data.num_classes).to(device)  # ImageNet weights are fetched here
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg.optim, device)
     trainer = Trainer(task, optimizer, device=device, precision=precision, dist_env=env,
                       compile_mode=cfg.run.compile, regions=Regions(cfg.run.nvtx or cfg.run.profile_steps > 0))
-    logs = {n: JsonlLog(run_path / f"{n}.jsonl") for n in ("metrics", "losses", "factors")}
+    logs = {n: JsonlLog(run_path / f"{n}.jsonl") for n in LOGS}
     run = _Run(cfg, run_path, env, device, data, task, optimizer, trainer, data.train_loader,
-               plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs), task.regularizer.names(), logs)
+               plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs), task.regularizer.names(), logs,
+               precision=precision, selection=selection_split(cfg))
     if ckpt is None:
         if main:
-            atomic_write_bytes(run_path / FACTOR_NAMES, json.dumps(run.names).encode())
-        return run
-    if ckpt.get("num_classes") != data.num_classes:
-        raise RunDirError(f"{run_path}: the checkpoint has {ckpt.get('num_classes')} classes, the dataset {data.num_classes}")
-    task.load_state_dict(ckpt["task"])
-    run.start, run.global_step, run.best = ckpt["next_index"], ckpt["global_step"], ckpt["best"]
-    if run.start < len(run.plan):
-        trainer.set_backbone_frozen(run.plan[run.start].phase == "A")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    trainer.scaler.load_state_dict(ckpt["scaler"])
-    loader_state = ckpt["loader"]
-    run.loader.load_state_dict(loader_state[env.rank] if isinstance(loader_state, list) else loader_state)
-    if main:
-        for jl in logs.values():  # drop what was logged after the checkpoint
-            jl.keep(lambda r: r.get("epoch", 0) <= run.start)
+            _create_run_dir(run, lock, resume, advice, data.dataset.summary())
+        barrier(env)
+    else:
+        _restore(run, ckpt)
+    logger.info("device %s, precision %s, compile %s, %d process(es), torch %s", device, precision,
+                resolve_compile(cfg.run.compile, device), env.world_size, torch.__version__)
     return run
+
+
+def _judge_run_dir(run_path: Path, resume: bool, advice: str | None) -> bool:
+    """Raise RunDirError if this command may not use ``run_path``; True if there is a checkpoint to resume."""
+    if resume:
+        return check_resume_dir(run_path)
+    check_new_run_dir(run_path, advice)
+    return False
+
+
+def _create_run_dir(run: _Run, lock: RunLock, resume: bool, advice: str | None, summary: str) -> None:
+    """Create (or reuse) the run directory of a run that starts at epoch 1, under its lock."""
+    reused = run.dir.is_dir() and any(p.name != LOCK for p in run.dir.iterdir())
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if not lock.held:
+        lock.acquire()
+        _judge_run_dir(run.dir, resume, advice)  # a concurrent start may have got here first
+    _report_temporaries(run.dir)
+    for jl in run.logs.values():  # what a stopped start logged belongs to no checkpoint
+        if jl.path.exists():
+            atomic_write_bytes(jl.path, b"")
+    if not resume:
+        atomic_write_bytes(run.dir / CONFIG, dump_config(run.cfg).encode())
+    atomic_write_bytes(run.dir / FACTOR_NAMES, json.dumps(run.names).encode())
+    logger = setup_logging(run.dir)
+    if reused:
+        logger.info("reusing %s: it holds no checkpoint, only what a start that stopped early wrote; its logs "
+                    "start again%s", run.dir, "" if resume else " and config.yaml is this command's")
+    logger.info("new run in %s: %s", run.dir, summary)
+
+
+def load_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
+    """``task.load_state_dict(state)``, or a CheckpointError that says briefly how they differ."""
+    own = task.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(missing)} tensor(s) missing (first {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
+                 f"{len(reshaped)} of another shape (first {reshaped[0]}: {list(state[reshaped[0]].shape)} in the file, "
+                 f"{list(own[reshaped[0]].shape)} in the model)" if reshaped else ""]
+        raise CheckpointError(f"{path} does not fit the model its config describes: "
+                              f"{', '.join(p for p in parts if p)}")
+    task.load_state_dict(state)
+
+
+def _restore(run: _Run, ckpt: dict) -> None:
+    """Load a checkpoint into the run; rank 0 also tidies the directory and its logs."""
+    if ckpt.get("num_classes") != run.data.num_classes:
+        raise RunDirError(f"{run.dir}: the checkpoint has {ckpt.get('num_classes')} classes, the dataset {run.data.num_classes}")
+    if run.env.is_main:
+        for jl in run.logs.values():  # before anything is changed: a damaged log line stops the resume here
+            jl.read(strict=True)
+        _report_temporaries(run.dir)
+    load_task_state(run.task, ckpt["task"], run.dir / CHECKPOINT)
+    run.start, run.global_step, run.best = ckpt["next_index"], ckpt["global_step"], dict(ckpt["best"])
+    run.pending_eval, run.checkpoint_epoch = ckpt.get("pending_eval"), ckpt["next_index"]
+    if run.start < len(run.plan):
+        run.trainer.set_backbone_frozen(run.plan[run.start].phase == "A")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.trainer.scaler.load_state_dict(ckpt["scaler"])
+    loader_state = ckpt["loader"]
+    run.loader.load_state_dict(loader_state[run.env.rank] if isinstance(loader_state, list) else loader_state)
+    if run.env.is_main:
+        _restore_factor_names(run.dir, run.names, ckpt.get("factor_names"))
+        _sync_config_yaml(run.dir, run.cfg)
+        for record in run.logs["metrics"].read(strict=True):  # what the summary reports as the last metrics
+            if record.get("epoch", 0) <= run.start and (record.get("split") == "test" or run.selection == "valid"):
+                run.last_metrics = record
+    if run.pending_eval is not None:
+        # the checkpoint was written before this epoch's evaluation; if the log holds all of it,
+        # it finished (best.pt is written before its record), else it runs again
+        done = _logged_evaluation(run.cfg, run.plan, run.pending_eval, run.logs["metrics"]) if run.env.is_main else None
+        if run.env.enabled:
+            done = gather_objects(done, run.env)[0]  # rank 0's verdict: every rank evaluates or none
+        if done is not None:
+            for record in sorted(done, key=lambda r: r["split"] != "test"):
+                _select(run, record)
+            run.pending_eval = None
+    if run.env.is_main:
+        # drop what was logged after the checkpoint; an evaluation still pending is logged again
+        last_eval = run.start - 1 if run.pending_eval is not None else run.start
+        for name, jl in run.logs.items():
+            limit = last_eval if name == "metrics" else run.start
+            dropped = jl.keep(lambda r, limit=limit: r.get("epoch", 0) <= limit)
+            if dropped:
+                log.info("%s: %d record(s) written after the checkpoint dropped (they are redone)", jl.path.name, dropped)
 
 
 def _enter_phase(run: _Run, ep: EpochPlan) -> None:
@@ -439,70 +649,200 @@ def _enter_phase(run: _Run, ep: EpochPlan) -> None:
             log.info("phase B: %d parameters start at Adam step %d", n, run.global_step)
 
 
+def _last_good(run: _Run) -> str:
+    if run.checkpoint_epoch:
+        return f"the last good checkpoint is {run.dir / CHECKPOINT} (after epoch {run.checkpoint_epoch} of {len(run.plan)})"
+    return f"no checkpoint had been written yet in {run.dir}"
+
+
+def _diverged(run: _Run, ep: EpochPlan, what: str) -> DivergenceError:
+    return DivergenceError(
+        f"training diverged: {what} in epoch {ep.index + 1}/{len(run.plan)} (phase {ep.phase}). Nothing non-finite "
+        f"was written: {_last_good(run)}. {divergence_advice(run.cfg.optim, run.precision)}."
+    )
+
+
+def _check_losses(run: _Run, ep: EpochPlan, values: dict[str, float], first_step: int) -> None:
+    """At a log read: stop on non-finite losses. Under fp16 the gradient scaler skips steps whose
+    gradients overflow, so there only non-finite weights stop the run."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    steps = f"step {run.global_step}" if first_step == run.global_step else f"steps {first_step}-{run.global_step}"
+    if run.precision == "fp16":
+        names = nonfinite_tensors(list(run.task.named_parameters()), run.env)
+        if not names:
+            log.warning("fp16: non-finite losses in %s (%s); the gradient scaler skipped those steps", steps,
+                        ", ".join(bad))
+            return
+    shown = ", ".join(f"{k}={v}" for k, v in list(bad.items())[:4])
+    raise _diverged(run, ep, f"the losses are not finite ({shown}) at {steps}")
+
+
+def _check_weights(run: _Run, ep: EpochPlan) -> None:
+    """Before every checkpoint and evaluation: the parameters and buffers must be finite."""
+    named = list(run.task.named_parameters()) + list(run.task.named_buffers())
+    names = nonfinite_tensors(named, run.env)
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise _diverged(run, ep, f"{len(names)} weight tensor(s) are not finite after step {run.global_step} ({shown})")
+
+
 def _train_epoch(run: _Run, ep: EpochPlan, lr: float, profiler) -> dict:
     """One epoch of steps; returns the last logged losses."""
     cfg, regions = run.cfg, run.trainer.regions
     run.task.train()
     meter, t0, images, values = _LossMeter(run.env), time.perf_counter(), 0, {}
+    first_step = run.global_step + 1
     batches = iter(run.loader)
     bar = tqdm(range(len(run.loader)), desc=f"epoch {ep.index + 1}/{len(run.plan)} ({ep.phase})",
                disable=not (cfg.run.progress and run.env.is_main), leave=False)
-    for step in bar:
-        with regions("data"):
-            batch = next(batches)
-        meter.add(run.trainer.train_step(batch))
-        run.global_step += 1
-        images += batch[0].shape[0]
-        if profiler is not None:
-            profiler.step()
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == len(run.loader):
-            values = meter.read()
-            if run.env.is_main:
-                run.logs["losses"].append({"epoch": ep.index + 1, "phase": ep.phase, "step": run.global_step, "lr": lr, **values})
-            bar.set_postfix(loss=f"{values['total']:.3f}")
+    try:
+        for step in bar:
+            run.where = f"in epoch {ep.index + 1}/{len(run.plan)} (step {run.global_step + 1})"
+            with regions("data"):
+                batch = next(batches)
+            meter.add(run.trainer.train_step(batch))
+            run.global_step += 1
+            images += batch[0].shape[0]
+            if profiler is not None:
+                profiler.step()
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == len(run.loader):
+                values = meter.read()  # the deliberate host sync of the loop
+                if run.env.is_main:
+                    run.logs["losses"].append({"epoch": ep.index + 1, "phase": ep.phase, "step": run.global_step, "lr": lr, **values})
+                _check_losses(run, ep, values, first_step)
+                first_step = run.global_step + 1
+                bar.set_postfix(loss=f"{values['total']:.3f}")
+    finally:
+        bar.close()
+        if hasattr(batches, "close"):
+            batches.close()  # on a stop, let the loader's iterator unwind now, not at garbage collection
     rate = images * run.env.world_size / max(time.perf_counter() - t0, 1e-9)
     log.info("epoch %d/%d phase %s lr %.2e: loss %.4f, %.0f images/s", ep.index + 1, len(run.plan), ep.phase, lr,
              values.get("total", float("nan")), rate)
     return values
 
 
-def _evaluate_epoch(run: _Run, ep: EpochPlan) -> dict:
-    cfg = run.cfg
-    is_last = ep.index == len(run.plan) - 1
-    wanted = [s for s, on in (("test", (ep.epoch + 1) % cfg.eval.every_epochs == 0 or is_last),
-                              ("valid", (ep.epoch + 1) % cfg.eval.validation_every_epochs == 0)) if on]
-    if not wanted:
+def _evaluate_epoch(run: _Run, ep: EpochPlan, due: list[tuple[str, bool]]) -> dict:
+    """Evaluate the splits ``due`` after ``ep``; the selecting split may replace best.pt."""
+    if not due:
         return {}
+    cfg = run.cfg
+    run.where = f"in the evaluation after epoch {ep.index + 1}/{len(run.plan)}"
     with run.trainer.regions("evaluation"):
         results = evaluate_splits(run.task, run.data.eval_loaders, cfg, run.trainer.autocast,
-                                  cfg.run.progress and run.env.is_main, splits=wanted, dist_env=run.env)
+                                  cfg.run.progress and run.env.is_main, splits=[s for s, _ in due], dist_env=run.env)
     if not run.env.is_main:
         return results
+    regular = dict(due)
     for split, (m, _) in results.items():
         record = {"epoch": ep.index + 1, "phase": ep.phase, "split": split, **m}
+        if not regular[split]:
+            record["report_only"] = True  # the extra last-epoch evaluation: never selects (as the seed)
+        log.info("%s at epoch %d%s: %s", split, ep.index + 1, " (report only)" if not regular[split] else "",
+                 format_metrics(m))
+        if _select(run, record):  # best.pt before the record: a logged evaluation is a finished one
+            save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, ep, m, run.data.dataset.classes,
+                                                         f"{split} mAP"))
         run.logs["metrics"].append(record)
-        log.info("%s at epoch %d: %s", split, ep.index + 1, format_metrics(m))
-        if split == "test":
-            run.last_metrics = record
-            if ep.phase == "B" and m["mAP"] > run.best["mAP"]:
-                run.best = {"mAP": m["mAP"], "epoch": ep.index + 1}
-                save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, ep, m, run.data.dataset.classes))
     return results
 
 
-def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict:
+def _select(run: _Run, record: dict) -> bool:
+    """Apply the seed's model selection to one metrics record; True when it is the new best.
+    Also keeps ``last_metrics`` (the latest test record, or validation without a test split)."""
+    split = record["split"]
+    if split == "test" or run.selection == "valid":
+        run.last_metrics = record
+    best = run.best["mAP"]
+    if (split != run.selection or record.get("report_only") or record["phase"] != "B"
+            or (best is not None and not record["mAP"] > best)):
+        return False
+    run.best = {"split": split, "mAP": record["mAP"], "epoch": record["epoch"]}
+    return True
+
+
+def _logged_evaluation(cfg: Config, plan: list[EpochPlan], index: int, metrics: JsonlLog) -> list[dict] | None:
+    """The metrics records of epoch ``index`` (0-based) when all its due evaluations were logged."""
+    due = {s for s, _ in evaluations_due(cfg, plan[index], len(plan))}
+    records = [r for r in metrics.read(strict=True) if r.get("epoch") == index + 1]
+    return records if {r.get("split") for r in records} >= due else None
+
+
+def training_finished(run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` has trained and evaluated every epoch (reads no tensors)."""
+    run = Path(run_dir)
+    state = peek_checkpoint(run / CHECKPOINT)
+    cfg = config_from_dict(state["config"], source=f"the config stored in {run / CHECKPOINT}")
+    plan = plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs)
+    if state["next_index"] < len(plan):
+        return False
+    pending = state.get("pending_eval")
+    return pending is None or _logged_evaluation(cfg, plan, pending, JsonlLog(run / "metrics.jsonl")) is not None
+
+
+def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, resume_command: str | None = None,
+        advice: str | None = None) -> dict:
     """Train ``cfg`` in ``run_dir`` (new, or resumed from its checkpoint). Returns a summary.
 
-    Under torchrun every rank trains on its own P x K stream; rank 0 writes the run directory.
+    Under torchrun every rank trains on its own P x K stream; rank 0 writes the run directory and
+    owns it (``run.lock``) until it returns. SIGINT, SIGTERM and a full disk end in ``RunStopped``
+    (whose message says how to continue: ``resume_command``, by default ``alr-fast train --resume
+    DIR``); non-finite losses or weights in ``DivergenceError``, before anything non-finite is
+    written. ``advice`` replaces the hint of the refusal of a directory that holds a run.
     """
-    run = _start(cfg, run_dir, resume)
-    env, main = run.env, run.env.is_main
+    lock = RunLock(run_dir)
+    run = None
+    with StopSignals() as signals:
+        try:
+            run = _start(cfg, run_dir, resume, lock, advice)
+            return _fit(run)
+        except (KeyboardInterrupt, Terminated, OSError, RuntimeError) as exc:
+            signum = signals.signal_of(exc)
+            if signum is None and not is_disk_full(exc):
+                raise
+            raise _stopped(exc, signum, Path(run_dir), run, resume_command) from None
+        finally:
+            lock.release()
+
+
+def _stopped(exc: BaseException, signum: int | None, run_dir: Path, run: _Run | None, command: str | None) -> RunStopped:
+    command = command or f"alr-fast train --resume {run_dir}"
+    if signum is not None:
+        what, code = f"interrupted by {signal.Signals(signum).name}", SIGNAL_EXIT[signum]
+    else:
+        what = f"stopped: {exc.strerror} ({exc.filename})" if exc.filename else f"stopped: {exc.strerror or exc}"
+        code = EXIT_DISK_FULL
+    where = run.where if run is not None else "while starting"
+    if run is not None and run.checkpoint_epoch:
+        state = (f"The last checkpoint is {run_dir / CHECKPOINT} (after epoch {run.checkpoint_epoch} of {len(run.plan)}); "
+                 f"continue with: {command}")
+    elif (run_dir / CHECKPOINT).is_file():
+        state = f"The last checkpoint is {run_dir / CHECKPOINT}; continue with: {command}"
+    elif (run_dir / CONFIG).is_file():
+        state = f"No checkpoint was written yet; start it again with: {command}"
+    else:
+        state = "Nothing was written; run the same command again"
+    free = " Free some disk space first." if signum is None else ""
+    return RunStopped(f"{what} {where}. {state}.{free}", code)
+
+
+def _fit(run: _Run) -> dict:
+    cfg, env, main = run.cfg, run.env, run.env.is_main
     log.info("%d regularized tensors, %.1fM parameters, %d classes; %d epochs of %d steps (phase A %d, phase B %d)",
              len(run.names), sum(p.numel() for p in run.task.model.parameters()) / 1e6, run.data.num_classes,
              len(run.plan), len(run.loader), cfg.optim.freeze_backbone_epochs, cfg.optim.epochs)
+    log.info("%s", _describe_selection(run.selection, cfg))
     sched = schedule_from_config(cfg.optim)
     profile = cfg.run.profile_steps > 0 and run.start < len(run.plan)
     profiler = step_profiler(run.dir / "profile" / f"rank{env.rank}", cfg.run.profile_steps) if profile else None
+    if run.pending_eval is not None:  # the checkpoint was written before this evaluation ran
+        ep = run.plan[run.pending_eval]
+        log.info("evaluating epoch %d first: the run stopped after its checkpoint, before its evaluation was logged",
+                 ep.index + 1)
+        if _evaluate_epoch(run, ep, evaluations_due(cfg, ep, len(run.plan))) and main and cfg.run.plots:
+            _plots(run.dir)
     for ep in run.plan[run.start:]:
         _enter_phase(run, ep)
         lr = learning_rate(ep.epoch, **sched)
@@ -515,22 +855,32 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict:
             profiler.stop()
             log.info("profile of %d steps written to %s", cfg.run.profile_steps, run.dir / "profile")
             profiler = None
+        run.where = f"after epoch {ep.index + 1}/{len(run.plan)}"
+        _check_weights(run, ep)  # nothing non-finite reaches a checkpoint or an evaluation
         if main:
             factors = run.task.regularizer.effective_factors().tolist()
             thetas = torch.stack(list(run.task.regularizer.thetas)).tolist()
             run.logs["factors"].append({"epoch": ep.index + 1, "phase": ep.phase, "factors": factors, "theta": thetas})
-        results = _evaluate_epoch(run, ep)
+        due = evaluations_due(cfg, ep, len(run.plan))
         is_last = ep.index == len(run.plan) - 1
         if (ep.index + 1) % cfg.run.checkpoint_every == 0 or is_last:
-            state = _checkpoint_state(run, ep.index + 1)  # collective: every rank contributes its loader state
+            # before the evaluation: an evaluation that fails or is interrupted keeps this epoch
+            state = _checkpoint_state(run, ep.index + 1, ep.index if due else None)  # collective (loader states)
             if main:
                 save_checkpoint(run.dir / CHECKPOINT, state)
+            run.checkpoint_epoch = ep.index + 1
+        results = _evaluate_epoch(run, ep, due)
         if main and cfg.run.plots and (results or is_last):
             _plots(run.dir)
-    if main and not (run.dir / BEST).is_file() and run.plan:  # the seed saves the final model when nothing was selected
-        save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, run.plan[-1], run.last_metrics, run.data.dataset.classes))
+    final = run.plan[-1]
+    if main and not (run.dir / BEST).is_file():  # the seed saves the final model when nothing was selected
+        save_checkpoint(run.dir / BEST, _model_state(run.task, cfg, final, run.last_metrics, run.data.dataset.classes,
+                                                     "final model"))
+        log.info("best.pt: the final model (epoch %d)", final.index + 1)
     barrier(env)
-    summary = {"run_dir": str(run.dir), "best": run.best, "last": {k: v for k, v in run.last_metrics.items() if k != "cmc"}}
+    best = dict(run.best) if run.best["epoch"] is not None else {"split": None, "epoch": final.index + 1,
+                                                                 "selected_on": "final model"}
+    summary = {"run_dir": str(run.dir), "best": best, "last": {k: v for k, v in run.last_metrics.items() if k != "cmc"}}
     log.info("done: %s", summary)
     shutdown(env)
     return summary
@@ -545,16 +895,7 @@ def _plots(run: Path) -> None:
     plot_run(run)
 
 
-def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
-    """The run's own resolved config, with only overrides that keep the schedule and results."""
-    import yaml
-
-    from .config import ConfigError, apply_overrides, parse_override
-
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume {run_dir}: {path} is missing")
-    cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+def _check_resume_overrides(overrides: list[str]) -> None:
     for text in overrides:
         key, _ = parse_override(text)
         if key not in RESUMABLE_OVERRIDES:
@@ -562,26 +903,122 @@ def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
                 f"{key} cannot change when resuming (it would change the schedule or the results); "
                 f"allowed: {', '.join(sorted(RESUMABLE_OVERRIDES))}"
             )
+
+
+def config_for_resume(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The run's config, with only overrides that keep the schedule and results.
+
+    With a checkpoint, the config stored in it is the truth (config.yaml is only compared with
+    it, when the run starts); without one (a start that stopped before its first checkpoint),
+    the directory's config.yaml, which must then be a complete, readable config.
+    """
+    run = Path(run_dir)
+    _check_resume_overrides(overrides)
+    if check_resume_dir(run):
+        cfg = config_from_dict(read_checkpoint_config(run / CHECKPOINT), source=f"the config stored in {run / CHECKPOINT}")
+    else:
+        path = run / CONFIG
+        data = read_yaml_file(path, str(path))
+        if not isinstance(data, dict) or not data:
+            raise ConfigError(f"{path} is empty or not a mapping: it should hold the resolved config of the run "
+                              f"started in {run}")
+        cfg = config_from_dict(data, source=str(path))
     return apply_overrides(cfg, overrides)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_ranking: bool | None = None,
-                        out: str | Path | None = None, config: str | None = None) -> dict:
+# keys an evaluation of an alr-fast checkpoint may not change: they define the network in it
+EVAL_FIXED_PREFIXES = ("model.",)
+EVAL_INPUT_KEYS = ("data.height", "data.width")
+
+
+def _evaluation_config(state: dict, path: Path, overrides: list[str], allow_input_change: bool) -> Config:
+    """The checkpoint's config with the overrides an evaluation may make."""
+    cfg = config_from_dict(state["config"], source=f"the config stored in {path}")
+    for text in overrides:
+        key, _ = parse_override(text)
+        if key.startswith(EVAL_FIXED_PREFIXES):
+            raise ConfigError(f"{key} cannot be overridden when evaluating {path}: the checkpoint fixes the model "
+                              f"(its config says {key}=... as trained)")
+        if key in EVAL_INPUT_KEYS and not allow_input_change:
+            raise ConfigError(f"{key} would change the input size the model in {path} was trained with "
+                              f"({cfg.data.height}x{cfg.data.width}); pass --allow-input-change to evaluate it anyway")
+    return apply_overrides(cfg, overrides)
+
+
+def _describe_checkpoint(path: Path, state: dict) -> str:
+    if "next_index" in state:
+        return f"{path}: the latest checkpoint, after epoch {state['next_index']}"
+    return (f"{path}: epoch {state.get('epoch')} (phase {state.get('phase')}), selected on "
+            f"{state.get('selected_on', 'test mAP')}")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    overrides: list[str],
+    *,
+    re_ranking: bool | None = None,
+    out: str | Path | None = None,
+    config: Config | None = None,
+    allow_input_change: bool = False,
+) -> dict:
     """The evaluation-only mode (SPEC B.10.5): load a checkpoint, extract features, evaluate the
     full test set (testing_size 1), and write ``evaluation-<time>.json`` next to the checkpoint.
 
-    A Keras ``.h5``/``.hdf5`` file is one of the seed's ``training_model.h5``: its config is
-    ``config`` (a recipe name or file, e.g. market1501_resnet50_keras) plus ``overrides``."""
-    from .config import apply_overrides, load_config
+    ``config`` (``--config`` of the CLI, overrides applied) describes a model file that carries
+    no alr-fast config: one of the seed's Keras ``training_model.h5`` (``.h5``/``.hdf5``), with a
+    keras recipe such as market1501_resnet50_keras. An alr-fast checkpoint carries its own, and a
+    ``config`` is then refused.
+    The report says which file and epoch were evaluated. A run directory that receives the
+    report is locked for the evaluation's duration.
+    """
+    setup_logging(None)
     from .keras_weights import is_keras_file
 
-    keras = is_keras_file(checkpoint)
-    if keras:
-        state, cfg = None, load_config(config, overrides)
-    else:
-        state = load_checkpoint(checkpoint)
-        cfg = config_from_dict(state["config"], source=str(checkpoint))
-        cfg = apply_overrides(cfg, overrides)
+    if is_keras_file(checkpoint):
+        return _evaluate_keras_file(Path(checkpoint), config, re_ranking, out)
+    path, note = resolve_checkpoint(checkpoint)
+    if config is not None:
+        raise ConfigError(f"--config cannot be used with {path}: an alr-fast checkpoint carries the config it was "
+                          f"trained with. Overrides of data.root, run.device, eval.* and the like still apply")
+    folder = Path(out) if out else path.parent
+    lock = RunLock(folder)
+    if is_run_dir(folder):
+        lock.acquire(advice="or write the report elsewhere with --out DIR")
+    try:
+        state = load_checkpoint(path)
+        cfg = _evaluation_config(state, path, overrides, allow_input_change)
+        if note:
+            log.info("%s", note)
+        what = _describe_checkpoint(path, state)
+        log.info("evaluating %s", what)
+        return _evaluate_state(state, cfg, path, what, re_ranking, folder)
+    finally:
+        lock.release()
+
+
+def _evaluate_keras_file(path: Path, config: Config | None, re_ranking: bool | None, out: str | Path | None) -> dict:
+    """``alr-fast evaluate training_model.h5 --config RECIPE``: the seed's released model as it is."""
+    if config is None:
+        raise ConfigError(f"{path} is a Keras model file, which carries no alr-fast config: name the recipe it was "
+                          f"trained with, e.g. --config market1501_resnet50_keras data.root=...")
+    if not path.is_file():
+        raise RunDirError(f"Keras model file {path} does not exist")
+    folder = Path(out) if out else path.parent
+    lock = RunLock(folder)
+    if is_run_dir(folder):
+        lock.acquire(advice="or write the report elsewhere with --out DIR")
+    try:
+        what = f"{path}: a Keras training model of the original code ({config.model.backbone}, keras style)"
+        log.info("evaluating %s", what)
+        return _evaluate_state(None, config, path, what, re_ranking, folder)
+    finally:
+        lock.release()
+
+
+def _evaluate_state(state: dict | None, cfg: Config, path: Path, what: str, re_ranking: bool | None,
+                    folder: Path) -> dict:
+    """Evaluate the model in ``state`` (an alr-fast checkpoint), or in the Keras file ``path`` when
+    ``state`` is None, on the full test set of ``cfg``; write the report into ``folder``."""
     if cfg.data.testing_size != 1.0:
         log.info("evaluation uses the full test set: data.testing_size=%s ignored", cfg.data.testing_size)
     cfg = dataclasses.replace(
@@ -590,36 +1027,37 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
         model=dataclasses.replace(cfg.model, pretrained="none"),
         eval=dataclasses.replace(cfg.eval, re_ranking=cfg.eval.re_ranking if re_ranking is None else re_ranking),
     )
+    preflight.check_model_input(cfg)
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     channels_last = cfg.run.channels_last and device.type == "cuda"  # as in training
     data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                       train=False, progress=cfg.run.progress)
-    if keras:
+    if state is None:  # one of the seed's Keras training_model.h5
         from .keras_weights import load_keras_training_model
 
-        task, info = load_keras_training_model(checkpoint, cfg, log)
+        task, info = load_keras_training_model(path, cfg, log)
         task = task.to(device)
         if info.num_classes != data.num_classes:
             log.info("note: the file has %d classes, the dataset %d training identities (this matters only for "
                      "training)", info.num_classes, data.num_classes)
     else:
         task = build_task(cfg, int(state["num_classes"])).to(device)
-        task.load_state_dict(state["task"])
+        load_task_state(task, state["task"], path)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     results = evaluate_splits(task, data.eval_loaders, cfg, progress=cfg.run.progress, splits=["test"],
                               keep_features=cfg.eval.save_features)
     m, features = results["test"]
-    target = Path(checkpoint)
-    folder = Path(out) if out else (target if target.is_dir() else target.parent)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"checkpoint": str(checkpoint), "metrics": m, "config": config_to_dict(cfg), "versions": versions()}
-    if keras:
+    epoch = None if state is None else state.get("epoch", state.get("next_index"))
+    report = {"checkpoint": str(path), "evaluated": what, "epoch": epoch, "metrics": strict_record(m),
+              "config": config_to_dict(cfg), "versions": versions()}
+    if state is None:
         report["keras"] = {"classes": info.num_classes, "dataset_classes": data.num_classes, "tensors": info.tensors,
                            "thetas": len(info.thetas), "regularized": len(task.regularizer), "notes": info.notes}
-    atomic_write_bytes(folder / f"evaluation-{stamp}.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(folder / f"evaluation-{stamp}.json", json.dumps(report, indent=1, allow_nan=False).encode())
     if features is not None:
         q, g = features
         np.savez(folder / f"features-{stamp}.npz", query=q.features.cpu().numpy(), gallery=g.features.cpu().numpy(),
@@ -631,4 +1069,5 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str], *, re_rank
     except ImportError:
         pass
     m["report"] = str(folder / f"evaluation-{stamp}.json")
+    m["checkpoint"], m["evaluated"], m["epoch"] = str(path), what, epoch
     return m

@@ -345,7 +345,7 @@ def test_testing_subset_rejects_bad_sizes(bad):
 
 def test_testing_subset_more_groups_than_exist_says_so():
     query, gallery = _test_records(np.random.default_rng(2))
-    with pytest.raises(ValueError, match="testing_size=50 over 21 identity groups"):
+    with pytest.raises(DatasetError, match=r"data.testing_size=50 does not fit the test split: it has 21 identity groups"):
         select_testing_subset(query, gallery, 50)
 
 

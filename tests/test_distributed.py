@@ -52,7 +52,8 @@ def test_torchrun_cli_trains_and_resumes_with_two_processes(tmp_path):
             "run.progress=false", "run.plots=false", "run.log_every=1"]
     proc = _torchrun("-m", "alr_fast.cli", "train", "--out", str(run), *tiny, "optim.epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert proc.stdout.count('"run_dir"') == 1  # one summary, rank 0's: rank 1's holds no metrics
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["loader"]) == 2
     assert ckpt["loader"][0] != ckpt["loader"][1]  # each rank has its own sampler stream
     metrics = JsonlLog(run / "metrics.jsonl").read()

@@ -14,38 +14,13 @@ import torch
 
 from alr_fast.cli import main
 from alr_fast.runs import JsonlLog
-from alr_fast.synthetic import make_synthetic
 
-TINY = [
-    "model.backbone=resnet18",
-    "model.pretrained=none",
-    "data.height=64",
-    "data.width=32",
-    "data.identities_per_batch=4",
-    "data.images_per_identity=2",
-    "data.steps_per_epoch=3",
-    "data.num_workers=0",
-    "optim.freeze_backbone_epochs=1",
-    "optim.epochs=2",
-    "optim.lr_warmup_epochs=1",
-    "optim.lr_lower_bound=0.0001",
-    "eval.every_epochs=1",
-    "eval.batch_size=16",
-    "run.log_every=2",
-    "run.progress=false",
-]
+from run_helpers import TINY, train as _train
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic(root, "market1501", num_train_ids=8, num_test_ids=6, num_cameras=3, images_per_camera=2,
-                   num_distractors=4, seed=3)
-    return root
-
-
-def _train(run, data_root, *extra):
-    return main(["train", "--out", str(run), f"data.root={data_root}", *TINY, *extra])
+def data_root(tiny_data):
+    return tiny_data
 
 
 def _tree(path: Path) -> dict:
@@ -53,10 +28,8 @@ def _tree(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    assert _train(run, data_root) == 0
-    return run
+def finished_run(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_a_complete_run_directory(finished_run):
@@ -86,7 +59,10 @@ def test_train_writes_a_complete_run_directory(finished_run):
 def test_existing_run_directory_is_left_alone(finished_run, data_root, capsys):
     before = _tree(finished_run)
     assert _train(finished_run, data_root) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"alr-fast train: error: run directory {finished_run} already holds a run (checkpoint.pt); nothing was "
+        f"changed in it. Continue it with: alr-fast train --resume {finished_run}, or choose another --out.\n"
+    )
     assert _tree(finished_run) == before
 
 
