@@ -975,7 +975,7 @@ def evaluate_checkpoint(
     from .keras_weights import is_keras_file
 
     if is_keras_file(checkpoint):
-        return _evaluate_keras_file(Path(checkpoint), config, re_ranking, out)
+        return _evaluate_keras_file(Path(checkpoint), config, overrides, re_ranking, out)
     path, note = resolve_checkpoint(checkpoint)
     if config is not None:
         raise ConfigError(f"--config cannot be used with {path}: an alr-fast checkpoint carries the config it was "
@@ -996,11 +996,17 @@ def evaluate_checkpoint(
         lock.release()
 
 
-def _evaluate_keras_file(path: Path, config: Config | None, re_ranking: bool | None, out: str | Path | None) -> dict:
-    """``alr-fast evaluate training_model.h5 --config RECIPE``: the seed's released model as it is."""
-    if config is None:
-        raise ConfigError(f"{path} is a Keras model file, which carries no alr-fast config: name the recipe it was "
-                          f"trained with, e.g. --config market1501_resnet50_keras data.root=...")
+def _evaluate_keras_file(path: Path, config: Config | None, overrides: list[str], re_ranking: bool | None,
+                         out: str | Path | None) -> dict:
+    """``alr-fast evaluate training_model.h5 --config RECIPE``: the seed's released model as it is.
+    Without ``config`` the defaults plus ``overrides`` describe it."""
+    from .config import load_config
+
+    config = config if config is not None else load_config(None, overrides)
+    if config.model.backbone_style != "keras":
+        raise ConfigError(f"{path} is a Keras model of the original code, which carries no alr-fast config: it needs "
+                          f"model.backbone_style=keras, best through the recipe it was trained with, e.g. "
+                          f"--config market1501_resnet50_keras data.root=...")
     if not path.is_file():
         raise RunDirError(f"Keras model file {path} does not exist")
     folder = Path(out) if out else path.parent

@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
+from alr_fast.runs import CHECKPOINT_FORMAT
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alr_fast.config import Config, load_config
@@ -240,7 +242,7 @@ def test_evaluate_checkpoint_reads_the_cache_and_saves_features_only_when_asked(
                              "run.device=cpu", "data.num_workers=0"])
     torch.manual_seed(0)
     task = build_task(cfg, counts["train_ids"])
-    save_checkpoint(tmp_path / "best.pt", {"format": "alr-fast/1", "config": config_to_dict(cfg),
+    save_checkpoint(tmp_path / "best.pt", {"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg),
                                            "task": task.state_dict(), "num_classes": counts["train_ids"]})
     m = evaluate_checkpoint(tmp_path / "best.pt", [], out=tmp_path / "a")
     assert m["num_query"] == counts["query"] and m["num_gallery"] == counts["gallery"] and 0 < m["mAP"] <= 1

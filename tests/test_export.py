@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from alr_fast.runs import CHECKPOINT_FORMAT
+
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx")
 ort = pytest.importorskip("onnxruntime", reason="the parity check needs onnxruntime")
 
@@ -33,7 +35,7 @@ def _checkpoint(tmp_path, style: str, backbone: str):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     path = tmp_path / f"{style}.pt"
-    torch.save({"format": "alr-fast/1", "config": config_to_dict(cfg), "task": task.state_dict(), "num_classes": CLASSES}, path)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg), "task": task.state_dict(), "num_classes": CLASSES}, path)
     return path, task.model.eval()
 
 
