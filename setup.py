@@ -2,7 +2,7 @@
 
 The folders ``pipelines/``, ``kernels/`` and ``bench/`` sit at the top level of the repository but
 are installed inside the ``alr_fast`` namespace (``alr_fast.pipelines`` ...): their bare names are
-taken on the package index by unrelated projects (SPEC A.2).
+taken on the package index by unrelated projects (see the README's Layout).
 """
 from setuptools import setup
 

@@ -1,6 +1,6 @@
 """The configuration tree: frozen dataclasses, loaded from YAML, with ``key=value`` overrides.
 
-The dataclass defaults are the seed's defaults (SPEC B.2); a YAML recipe only states what differs
+The dataclass defaults are the seed's defaults (docs/METHOD.md §1); a YAML recipe only states what differs
 or restates them for the reader. Only the CLI and the ``build_*`` functions read a ``Config``;
 library functions take explicit arguments.
 
@@ -73,7 +73,7 @@ def read_yaml_file(path, source: str | None = None):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset, input size, sampler and augmentation (SPEC B.2, B.3, B.7, B.8)."""
+    """Dataset, input size, sampler and augmentation (docs/METHOD.md §5, §6, §9)."""
 
     dataset: str = "market1501"  # market1501 | dukemtmc_reid | msmt17
     root: str = "data"  # folder that holds Market-1501-v15.09.15/, DukeMTMC-reID/ or MSMT17_V2/
@@ -103,7 +103,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Three-branch ResNet of SPEC B.4 on torchvision backbones (A.3.1)."""
+    """The three-branch ResNet (docs/METHOD.md §2) on a torchvision or the seed's Keras-style backbone."""
 
     backbone: str = "resnet50"
     # torchvision: torchvision's ResNet and normalisation; keras: the seed's Caffe-style Keras ResNet,
@@ -120,7 +120,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RegularizerConfig:
-    """Adaptive L2 (SPEC B.5); a negative factor leaves that kind of tensor unregularized."""
+    """Adaptive L2 (docs/METHOD.md §3); a negative factor leaves that kind of tensor unregularized."""
 
     adaptive: bool = True  # false: constant L2, A * sum(W^2)
     kernel_factor: float = 0.005
@@ -132,7 +132,7 @@ class RegularizerConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Adam, the two phases and the learning-rate schedule (SPEC B.9)."""
+    """Adam, the two phases and the learning-rate schedule (docs/METHOD.md §7)."""
 
     freeze_backbone_epochs: int = 20  # phase A
     epochs: int = 200  # phase B
@@ -153,7 +153,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation protocol (SPEC B.10)."""
+    """Evaluation protocol (docs/METHOD.md §8)."""
 
     every_epochs: int = 10  # evaluate_testing_every_N_epochs, counted within each phase
     validation_every_epochs: int = 1
@@ -406,7 +406,7 @@ def validate_config(cfg: Config) -> None:
 
 
 def _check_schedule(o: OptimConfig) -> None:
-    """The learning-rate modes' own preconditions (SPEC B.9.2), found now instead of at an epoch start."""
+    """The learning-rate modes' own preconditions (docs/METHOD.md §7.2), found now instead of at an epoch start."""
     if o.lr_mode == "constant" and o.lr_start != o.lr_end:
         raise ConfigError(f"optim.lr_mode=constant needs optim.lr_start == optim.lr_end; got {o.lr_start} and {o.lr_end}")
     if o.lr_mode == "cosine" and not o.lr_start > o.lr_end:

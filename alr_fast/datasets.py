@@ -1,6 +1,6 @@
 """Readers for the three native re-ID layouts, and the test-subset and validation splits.
 
-Each reader follows SPEC B.3 exactly: which folders and list files are read, which pids are
+Each reader follows docs/METHOD.md §9 exactly: which folders and list files are read, which pids are
 dropped (Market's -1 junk) or kept (Market's pid 0 distractors), how pids and camids are parsed,
 and how training labels are encoded (scikit-learn ``LabelEncoder`` semantics: the rank of a pid
 among the sorted unique training pids). File names are checked against a strict pattern per
@@ -166,7 +166,7 @@ def _parse_duke(match: re.Match) -> tuple[int, int]:
 
 
 def read_market1501(root: str | os.PathLike) -> ReidDataset:
-    """Market-1501 (SPEC B.3.1): junk (pid -1) dropped from every split, distractors (pid 0) kept.
+    """Market-1501 (docs/METHOD.md §9.1): junk (pid -1) dropped from every split, distractors (pid 0) kept.
 
     ``root`` contains ``Market-1501-v15.09.15/`` or is that folder.
     """
@@ -179,7 +179,7 @@ def read_market1501(root: str | os.PathLike) -> ReidDataset:
 
 
 def read_dukemtmc_reid(root: str | os.PathLike) -> ReidDataset:
-    """DukeMTMC-reID (SPEC B.3.2): no junk filtering.
+    """DukeMTMC-reID (docs/METHOD.md §9.2): no junk filtering.
 
     ``root`` contains ``DukeMTMC-reID/`` or is that folder.
     """
@@ -252,7 +252,7 @@ def _read_msmt17_list(list_path: str, image_folder: str, folder_listings: dict[s
 
 
 def read_msmt17(root: str | os.PathLike) -> ReidDataset:
-    """MSMT17 V2 (SPEC B.3.3): train = list_train + list_val; test pids have their own numbering.
+    """MSMT17 V2 (docs/METHOD.md §9.3): train = list_train + list_val; test pids have their own numbering.
 
     ``root`` contains ``MSMT17_V2/`` or is that folder.
     """
@@ -317,7 +317,7 @@ def _check_split_size(value: float, what: str) -> float | int:
 def select_testing_subset(
     query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], testing_size: float
 ) -> tuple[tuple[ImageRecord, ...], tuple[ImageRecord, ...]]:
-    """The (query, gallery) subset used for in-training evaluation (SPEC B.3.5).
+    """The (query, gallery) subset used for in-training evaluation (docs/METHOD.md §9.5).
 
     ``testing_size`` 1 keeps everything, 0 keeps nothing; a fraction in (0, 1) keeps that share of
     the identity groups (rounded up), an integer > 1 that many groups. Groups are pids over the
@@ -371,7 +371,7 @@ def _stratified_split(labels: np.ndarray, size: float | int, what: str) -> tuple
 def split_validation(
     dataset: ReidDataset, validation_size: float, gallery_fraction: float | None = None
 ) -> tuple[tuple[ImageRecord, ...], np.ndarray, tuple[ImageRecord, ...], tuple[ImageRecord, ...]]:
-    """(train, train_labels, valid_query, valid_gallery) carved from the training split (SPEC B.3.6).
+    """(train, train_labels, valid_query, valid_gallery) carved from the training split (docs/METHOD.md §9.6).
 
     ``validation_size`` (fraction in (0, 1) or an integer image count > 1) of the training images
     is held out, stratified by identity, then split into valid query and gallery with

@@ -1,4 +1,4 @@
-"""Feature extraction and the evaluation protocol of SPEC B.10.
+"""Feature extraction and the evaluation protocol of docs/METHOD.md §8.
 
 Extraction (``extract_features``) runs the embedding forward over an evaluation loader without
 a host synchronisation per batch: labels and camera ids stay on the host (the loaders yield

@@ -1,4 +1,4 @@
-"""The seed's backbone in PyTorch: the Caffe-style Keras ResNet v1 (SPEC B.4.1).
+"""The seed's backbone in PyTorch: the Caffe-style Keras ResNet v1 (docs/METHOD.md §2.1).
 
 Keras ``applications.resnet`` ResNet50/101/152 (the seed's ``applications/resnet_common.py``),
 layer for layer:

@@ -1,4 +1,4 @@
-"""Losses of SPEC B.6: label-smoothed cross-entropy and batch-hard soft-margin triplet, per branch.
+"""Losses of docs/METHOD.md §4: label-smoothed cross-entropy and batch-hard soft-margin triplet, per branch.
 
 Both are computed in float32 whatever the autocast precision (features are clipped GAP vectors
 in [0, 1]; logits are upcast), so bf16 training does not change the loss definitions.

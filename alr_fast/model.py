@@ -1,4 +1,4 @@
-"""The three-branch re-ID network of SPEC B.4 on a torchvision ResNet (SPEC A.3.1).
+"""The three-branch re-ID network of docs/METHOD.md §2 on a torchvision ResNet (or the seed's Keras-style one).
 
 Layout for a 384x128 input and ResNet-50 (NCHW):
     stem..layer3            -> [B, 1024, 24, 8]
@@ -9,7 +9,7 @@ Layout for a 384x128 input and ResNet-50 (NCHW):
                  f_b -> BN neck (eps 2e-5) -> bias-free linear (N(0, 0.001^2)) -> logits
 Inference feature: concat(f_global, f_stripe1, f_stripe2), 4096-d for ResNet-50.
 
-``backbone_style="torchvision"`` (default, a declared deviation from Part B, see the README):
+``backbone_style="torchvision"`` (default, a declared deviation from the original code, docs/METHOD.md §11):
 torchvision's ResNet (stride on the 3x3 conv, no conv biases, BN eps 1e-5) with torchvision
 weights. ``backbone_style="keras"``: the seed's Caffe-style Keras ResNet
 (``alr_fast.keras_resnet``: stride on the block's first 1x1 conv, conv biases, BN eps 1.001e-5),

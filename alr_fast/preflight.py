@@ -95,7 +95,7 @@ def _valid_queries(query: Sequence[ImageRecord], gallery: Sequence[ImageRecord])
 
 
 def check_evaluable(query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], split: str, key: str) -> None:
-    """Some query of ``split`` must have a valid match, or its evaluation fails (SPEC B.10.3)."""
+    """Some query of ``split`` must have a valid match, or its evaluation fails (docs/METHOD.md §8.2)."""
     if not query or not gallery:
         raise ConfigError(
             f"the {split} split selected by '{key}' has {len(query)} query and {len(gallery)} gallery images; "

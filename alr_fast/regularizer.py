@@ -1,4 +1,4 @@
-"""Adaptive L2 regularization (SPEC B.5, A.3.3).
+"""Adaptive L2 regularization (docs/METHOD.md §3; the fused form §3.6).
 
 For every regularized tensor W (conv/linear kernels, conv biases, BN gamma and beta) there is one
 trainable scalar theta_W, initialised to 0, and the loss gains
@@ -185,7 +185,7 @@ class RegularizedTensor:
 
 
 def regularized_tensors(model: nn.Module) -> list[RegularizedTensor]:
-    """Every conv/linear kernel and bias and every BN gamma/beta, in module order (SPEC B.4.3)."""
+    """Every conv/linear kernel and bias and every BN gamma/beta, in module order (docs/METHOD.md §3.2)."""
     out = []
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of SPEC B.9.2; the epoch index restarts at 0 in each phase."""
+"""Learning-rate schedule of docs/METHOD.md §7.2; the epoch index restarts at 0 in each phase."""
 from __future__ import annotations
 
 import math

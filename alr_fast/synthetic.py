@@ -1,4 +1,4 @@
-"""Synthetic re-ID datasets written as real JPEGs in the three native layouts (SPEC A.3.7).
+"""Synthetic re-ID datasets written as real JPEGs in the three native layouts.
 
 Identities are learnable but not trivial. Each identity has upper- and lower-body clothing colours
 with a pattern (plain, horizontal stripes, vertical stripes, checks), a skin and hair colour, maybe

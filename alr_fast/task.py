@@ -20,7 +20,7 @@ class ReidTask(nn.Module):
     """``task(images, labels) -> {"ce_0", ..., "triplet_0", ..., "regularization", "total"}``.
 
     The thetas of the adaptive L2 live in ``self.regularizer`` and are parameters of this module,
-    so one optimizer over ``task.parameters()`` trains them with everything else (SPEC B.5).
+    so one optimizer over ``task.parameters()`` trains them with everything else (docs/METHOD.md §3).
     """
 
     def __init__(self, model: ReidNet, regularizer: AdaptiveL2 | None, label_smoothing: float = 0.1) -> None:

@@ -206,7 +206,7 @@ def build_optimizer(task: torch.nn.Module, optim, device: torch.device) -> torch
 
 def start_at_global_step(optimizer: torch.optim.Optimizer, params, step: int) -> int:
     """TF applies Adam's bias correction with the global step: give parameters that have no
-    optimizer state yet the state of a parameter first seen at ``step`` (SPEC B.9.1)."""
+    optimizer state yet the state of a parameter first seen at ``step`` (docs/METHOD.md §7.3)."""
     count = 0
     for group in optimizer.param_groups:
         on_device = group.get("fused") or group.get("capturable")
@@ -364,7 +364,7 @@ def _model_state(task, cfg, epoch: EpochPlan, metrics: dict, classes, selected_o
 
 
 def selection_split(cfg: Config) -> str | None:
-    """The split whose mAP selects ``best.pt`` (SPEC B.9.3, as the seed's ModelCheckpoint monitors).
+    """The split whose mAP selects ``best.pt`` (docs/METHOD.md §10, as the seed's ModelCheckpoint monitors).
 
     The seed monitors the non-re-ranked test mAP, or the validation mAP when there is no test
     evaluation (testing_size 0). With re-ranking during training it computes only re-ranked
@@ -961,7 +961,7 @@ def evaluate_checkpoint(
     config: Config | None = None,
     allow_input_change: bool = False,
 ) -> dict:
-    """The evaluation-only mode (SPEC B.10.5): load a checkpoint, extract features, evaluate the
+    """The evaluation-only mode (docs/METHOD.md §10): load a checkpoint, extract features, evaluate the
     full test set (testing_size 1), and write ``evaluation-<time>.json`` next to the checkpoint.
 
     ``config`` (``--config`` of the CLI, overrides applied) describes a model file that carries

@@ -1,7 +1,7 @@
 """Benchmark of the evaluation kernels: CuPy on one GPU against the NumPy reference.
 
 ``python -m alr_fast.bench.kernels`` (and ``alr-fast bench kernels``). For each scale
-(Market-1501: 3,368 x 15,913; MSMT17: 11,659 x 82,161; 4096-d features as SPEC B.10.1) it draws
+(Market-1501: 3,368 x 15,913; MSMT17: 11,659 x 82,161; 4096-d features as the model's, docs/METHOD.md §2.5) it draws
 random structured features on the device (identities x cameras, pid-0 distractors), then:
 
 1. validates every GPU kernel against the NumPy reference on a subset (stated in the output),

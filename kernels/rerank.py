@@ -3,7 +3,7 @@
 Design note
 -----------
 ``rerank_k_reciprocal(q_g [Q, G], q_q [Q, Q], g_g [G, G], k1, k2, lambda) -> [Q, G] float32``
-    SPEC B.10.4 / ``reference.rerank_k_reciprocal``, N = Q + G, without any N x N array:
+    docs/METHOD.md §8.3 / ``reference.rerank_k_reciprocal``, N = Q + G, without any N x N array:
       1. Row i of the published ``original_dist`` is column i of M = [[qq, qg], [qg^T, gg]],
          squared and divided by its max. Columns are processed in blocks, each a vertical stack
          of two row-major matrices ((qq, qg^T chunk) for query columns, (qg, gg) for gallery

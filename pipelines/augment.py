@@ -1,4 +1,4 @@
-"""Training augmentation of the original trainer (SPEC B.8) as CPU-drawn parameters plus reference ops.
+"""Training augmentation of the original trainer (docs/METHOD.md §6.2) as CPU-drawn parameters plus reference ops.
 
 The random parameters (flip, crop offset, erase rectangle) are drawn on the CPU by
 ``draw_augment_params`` so that the DALI pipeline and this reference pipeline apply the same
@@ -6,7 +6,7 @@ augmentation to the same sample. The reference image ops work on uint8 ``[B, 3, 
 tensors, in the seed's order: horizontal flip, zero pad ``pad`` px on each side, crop H x W at
 (crop_y, crop_x) of the padded image, fill the erase rectangle (output coordinates) with
 ``ERASE_FILL``; then ``normalize`` in the backbone's ``InputStyle`` (torchvision: RGB / 255 with
-mean/std, SPEC A.3.1; keras: the seed's Caffe preprocessing, BGR minus the ImageNet means in
+mean/std (docs/METHOD.md §11); keras: the seed's Caffe preprocessing, BGR minus the ImageNet means in
 pixel units). Padding and erasing happen on the uint8 RGB image in both styles, as the seed does.
 
 Draw order of ``draw_augment_params`` (all draws are doubles U in [0, 1) from ``rng.random``,

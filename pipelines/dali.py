@@ -1,4 +1,4 @@
-"""NVIDIA DALI loaders: the training and evaluation pipelines of SPEC A.3.4 behind the loader contract.
+"""NVIDIA DALI loaders: the training and evaluation pipelines behind the loader contract.
 
 Design note
 -----------

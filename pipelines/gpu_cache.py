@@ -5,7 +5,7 @@ Design note
 What it computes. At construction every image of the store is decoded and resized once (DALI
 when it is installed and the device is a GPU, else ``augment.decode_resize`` in threads) into a
 uint8 tensor kept on the training device. Each step then only runs the random augmentation of
-SPEC B.8 on the batch, with the parameters the sampler and ``draw_augment_params`` drew on the CPU
+docs/METHOD.md §6.2 on the batch, with the parameters the sampler and ``draw_augment_params`` drew on the CPU
 (the same streams as ``TorchTrainLoader``), and normalises. Output equals
 ``normalize(augment_batch(cache[idx], params))`` exactly (bit for bit on the CPU; the ops are
 integer index arithmetic, selects and the same float32 normalisation, so also on the GPU).

@@ -1,4 +1,4 @@
-"""Encoded JPEG bytes held in host memory (SPEC A.3.4), checked once when loaded.
+"""Encoded JPEG bytes held in host memory, checked once when loaded.
 
 Verification decodes every file with torchvision and also requires the SOI marker (FF D8) at the
 start and the EOI marker (FF D9) at the end (trailing NUL padding allowed), which catches files

@@ -1,4 +1,4 @@
-"""Identity (P x K) sampler of the original trainer (SPEC B.7), resumable and seeded per rank.
+"""Identity (P x K) sampler of the original trainer (docs/METHOD.md §5), resumable and seeded per rank.
 
 The sampler is a continuous stream of *passes* over the training set. A pass shuffles the images
 of every identity that has at least K of them, cuts them into chunks of K, and then repeatedly

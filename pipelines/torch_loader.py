@@ -1,4 +1,4 @@
-"""Reference loaders on torch DataLoader: the CPU pipeline of SPEC A.3.4 behind the loader contract.
+"""Reference loaders on torch DataLoader: the CPU reference pipeline behind the loader contract.
 
 Both loaders iterate ``(images, pids, camids)``: images normalised in ``input_style``
 (``augment.InputStyle``: torchvision's or the seed's Caffe preprocessing) ``[B, 3, H, W]`` in

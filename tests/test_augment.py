@@ -1,4 +1,4 @@
-"""Augmentation parameters and the reference image ops (SPEC B.8)."""
+"""Augmentation parameters and the reference image ops (docs/METHOD.md §6.2)."""
 import io
 import math
 

@@ -3,7 +3,7 @@
 DALI's Python front end places every operator on a device when the graph is defined, and rejects
 a CPU operator fed from the GPU or an argument input that lives on the GPU; running it here checks
 the placement of the GPU path on machines without one: image operators on the GPU in the order of
-SPEC B.8 (erase on uint8 before the normalisation that casts), per-sample parameters on the CPU,
+docs/METHOD.md §6.2 (erase on uint8 before the normalisation that casts), per-sample parameters on the CPU,
 every output on the GPU. Uses DALI's graph internals (``_build_graph``); skips if they move.
 """
 import re

@@ -91,7 +91,7 @@ def _stage(shape, filters, blocks, stride, stage, model_name):
 
 
 def build_seed_model(region_num: int = 2, classes: int = CLASSES):
-    """The seed's three-branch ResNet-50 (SPEC B.4) -> (training model, probe with logits + features)."""
+    """The seed's three-branch ResNet-50 (docs/METHOD.md §2) -> (training model, probe with logits + features)."""
     inp = keras.Input((H, W, 3))
     x = layers.ZeroPadding2D(3, name="conv1_pad")(inp)
     x = layers.Conv2D(64, 7, strides=2, name="conv1_conv")(x)

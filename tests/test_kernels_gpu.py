@@ -331,7 +331,7 @@ def test_xp_rerank_mixed_dtypes_and_tiny_sizes():
         for k1, k2 in [(20, 6), (1, 1), (2, 3)]:
             np.testing.assert_allclose(gpu.rerank_k_reciprocal(*inputs, k1, k2, backend=NP),
                                        reference.rerank_k_reciprocal(*inputs, k1, k2), rtol=0, atol=1e-6)
-    # SPEC hand case: Q = 1, G = 2, k1 = 1, k2 = 1
+    # a hand-worked case: Q = 1, G = 2, k1 = 1, k2 = 1
     got = gpu.rerank_k_reciprocal(np.array([[1.0, 2.0]]), np.array([[0.0]]), np.array([[0.0, 3.0], [3.0, 0.0]]),
                                   1, 1, 0.0, backend=NP)
     v0 = np.array([1.0, np.exp(-0.25)]) / (1.0 + np.exp(-0.25))

@@ -1,4 +1,4 @@
-"""Model structure (SPEC B.4) and losses (SPEC B.6) against straightforward references."""
+"""Model structure (docs/METHOD.md §2) and losses (§4) against straightforward references."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""A non-editable ``pip install .`` into a clean virtual environment (SPEC A.2).
+"""A non-editable ``pip install .`` into a clean virtual environment (see the README's Layout).
 
 The child environment must see the same third-party packages as the interpreter running the
 tests, whether that is a virtual environment or the system one: ``--system-site-packages``

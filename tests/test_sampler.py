@@ -1,4 +1,4 @@
-"""Identity sampler (SPEC B.7): structure, determinism, resume, and parity with the pseudo-code."""
+"""Identity sampler (docs/METHOD.md §5): structure, determinism, resume, and parity with the pseudo-code."""
 import io
 import pickle
 
@@ -17,7 +17,7 @@ def make_labels(seed: int = 0, num_ids: int = 23) -> np.ndarray:
 
 
 def reference_epochs(labels, P, K, steps, seed, rank=0, balancing=False):
-    """The pseudo-code of SPEC B.7, written out plainly, with the documented RNG calls."""
+    """The sampler's pseudo-code (docs/METHOD.md §5), written out plainly, with the documented RNG calls."""
     rng = np.random.default_rng([seed, rank])
     pool = {}
     for i, lab in enumerate(labels.tolist()):
