@@ -138,6 +138,20 @@ def bar_label(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def finish_plot(fig, ax, path: Path, ylabel: str, title: str, legend: bool = False) -> Path:
+    """Label, lay out, save at 110 dpi and close: the last lines of every benchmark plot."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
     import matplotlib
 
@@ -148,13 +162,8 @@ def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     bars = ax.bar(labels, values, color="tab:blue")
     for b, v in zip(bars, values):
         ax.text(b.get_x() + b.get_width() / 2, v, bar_label(v), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_plot(fig, ax, path, ylabel, title)
 
 
 def stacked_bar_plot(path: Path, labels: list[str], stages: list[str], values: list[list[float]], ylabel: str,
@@ -174,10 +183,4 @@ def stacked_bar_plot(path: Path, labels: list[str], stages: list[str], values: l
         bottom += heights
     for x, total in enumerate(bottom):
         ax.text(x, total, bar_label(total), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_plot(fig, ax, path, ylabel, title, legend=True)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from alr_fast.bench.common import (
-    add_out_argument, apply_sized_defaults, bar_label, environment, result_path, time_steps, write_result,
+    add_out_argument, apply_sized_defaults, bar_label, environment, finish_plot, result_path, time_steps, write_result,
 )
 
 LOADERS = ("torch", "dali", "dali_parallel", "cache")
@@ -240,13 +240,7 @@ def _plot(path: Path, results: dict, compute: dict | None, title: str) -> Path:
     heights = [b.get_height() for b in ax.patches if b.get_height() > 0]
     if heights and max(heights) > 30 * min(heights):  # loaders alone can be 100x the step
         ax.set_yscale("log")
-    ax.set_ylabel("images/s")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_plot(fig, ax, path, "images/s", title, legend=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,3 +112,18 @@ def check_ranking_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank) 
         )
         max_rank = num_g
     return max_rank
+
+
+def check_distmat_inputs(qf, gf, metric: str, metrics: tuple[str, ...]):
+    """(qf, gf, same) as NumPy arrays after the checks every host ``compute_distmat`` makes:
+    feature shapes and dtypes, the metric, and finite values. ``same``: gf is qf (the x-x case)."""
+    same = qf is gf
+    qf = np.asarray(qf)
+    gf = qf if same else np.asarray(gf)
+    check_features("qf", qf)
+    check_features("gf", gf, feature_dim=qf.shape[1], ref_name="qf")
+    if metric not in metrics:
+        raise ValueError(f"metric must be one of {', '.join(metrics)}; got {metric!r}")
+    check_finite("qf", qf)
+    check_finite("gf", gf)
+    return qf, gf, same

@@ -98,18 +98,10 @@ def compute_distmat(qf, gf, metric: str = "cosine", precision: str = "float32") 
     """Distances [Q, G] float32 between qf [Q, D] and gf [G, D] with a float32 (or tf32 / bf16
     rounded) GEMM; see the module note for the tolerance against ``reference.compute_distmat``.
     """
-    same = qf is gf
-    qf = np.asarray(qf)
-    gf = qf if same else np.asarray(gf)
-    check.check_features("qf", qf)
-    check.check_features("gf", gf, feature_dim=qf.shape[1], ref_name="qf")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     _check_precision(precision)
     if precision == "float64":
         raise ValueError("precision='float64' is the reference: call reference.compute_distmat")
-    check.check_finite("qf", qf)
-    check.check_finite("gf", gf)
+    qf, gf, same = check.check_distmat_inputs(qf, gf, metric, METRICS)
 
     q_stat = _row_stats(qf, metric)
     g_stat = q_stat if same else _row_stats(gf, metric)

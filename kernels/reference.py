@@ -88,15 +88,7 @@ def compute_distmat(qf, gf, metric: str = "cosine") -> np.ndarray:
     Returns float32 [Q, G]. ``metric`` is one of ``METRICS``; see the module note for the exact
     semantics (sklearn ``pairwise_distances``, computed in float64).
     """
-    same = qf is gf
-    qf = np.asarray(qf)
-    gf = qf if same else np.asarray(gf)
-    check.check_features("qf", qf)
-    check.check_features("gf", gf, feature_dim=qf.shape[1], ref_name="qf")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
-    check.check_finite("qf", qf)
-    check.check_finite("gf", gf)
+    qf, gf, same = check.check_distmat_inputs(qf, gf, metric, METRICS)
 
     q = qf.astype(np.float64)
     g = q if same else gf.astype(np.float64)

@@ -49,7 +49,10 @@ def _same_logs(run: Path, reference: Path, exact: bool = True) -> None:
         assert [sorted(r) for r in got] == [sorted(r) for r in want], name
         for a, b in zip(got, want):
             for key, value in b.items():
-                assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key, a, b)
+                else:
+                    assert a[key] == value, (name, key, a, b)
 
 
 def _last_line(capsys) -> str:
