@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alr_fast.bench.common import DEFAULT_OUT, environment, result_path, stacked_bar_plot, write_result
+from alr_fast.bench.common import (
+    add_out_argument, environment, result_path, stacked_bar_plot, synchronize, write_result,
+)
 from alr_fast.bench.synthetic_fast import REAL_COUNTS, eval_split
 from alr_fast.evaluation import (
     FeatureExtractor, FeatureSet, auto_batch_size, eval_input_dtype, evaluate_features,
@@ -69,18 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=120.0,
                    help="bound of the reference path's timed parts; beyond it they run on subsets, extrapolated")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON result and the plot")
+    add_out_argument(p)
     p.add_argument("--no-plot", action="store_true")
     return p
 
 
 def _say(text: str) -> None:
     print(f"bench eval: {text}", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_host_bytes() -> int:
@@ -109,10 +106,10 @@ def _model(args, device: torch.device):
 
 
 def _timed(fn, device: torch.device):
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -291,7 +288,7 @@ def run(args) -> dict:
             evaluate_features(_head(q, 64), _head(g, 2048), re_ranking=re_ranking)
         except ValueError:  # no match among the first queries: the kernels are compiled all the same
             pass
-        _sync(device)
+        synchronize(device)
         fast["kernel_warmup_s"] = time.perf_counter() - start
     _say("fast path: kernels ...")
     times: dict = {}

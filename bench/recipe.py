@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from alr_fast.bench.common import DEFAULT_OUT, environment, result_path, stacked_bar_plot, write_result
+from alr_fast.bench.common import (
+    add_out_argument, environment, result_path, stacked_bar_plot, synchronize, write_result,
+)
 from alr_fast.bench.synthetic_fast import scaled_counts, write_dataset
 
 CPU_OVERRIDES = ["model.backbone=resnet18", "data.height=128", "data.width=64"]
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default: 10 on a GPU, 1 on a CPU)")
     p.add_argument("--max-seconds", type=float, default=None, help="bound of the timed steps of each phase")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (run.device)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON result and the plot")
+    add_out_argument(p)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. run.compile=none")
     return p
@@ -54,11 +56,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _say(text: str) -> None:
     print(f"bench recipe: {text}", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def evaluations_in_schedule(freeze_epochs: int, epochs: int, every: int) -> int:
@@ -75,18 +72,18 @@ def _time_phase(trainer, batches, device, steps: int, warmup: int, max_seconds: 
     start = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step(next(batches))
-    _sync(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     trainer.train_step(next(batches))  # one step, to size the rest within max_seconds
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - start
     if max_seconds is not None:
         steps = max(1, min(steps, int(max_seconds / max(first, 1e-6))))
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(next(batches))
-    _sync(device)
+    synchronize(device)
     total = time.perf_counter() - start
     return {"warmup_steps": warmup, "warmup_s": warmup_s, "timed_steps": steps, "step_s": total / steps}
 
@@ -135,7 +132,7 @@ def run(args) -> dict:
         start = time.perf_counter()
         data = build_data(cfg, device=device, dtype=input_dtype(precision, device), channels_last=channels_last,
                           progress=False)
-        _sync(device)
+        synchronize(device)
         setup_s = time.perf_counter() - start
         torch.manual_seed(cfg.run.seed)
         task = build_task(cfg, data.num_classes).to(device)
@@ -156,7 +153,7 @@ def run(args) -> dict:
         start = time.perf_counter()
         metrics = evaluate_splits(task, data.eval_loaders, cfg, progress=False, splits=["test"],
                                   stage_times=stage_times)["test"][0]
-        _sync(device)
+        synchronize(device)
         evaluation_s = time.perf_counter() - start
         state = {"task": task.state_dict(), "optimizer": optimizer.state_dict()}
         start = time.perf_counter()
