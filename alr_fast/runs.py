@@ -314,6 +314,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    try:  # Linux reports it without changing it (no window in which another thread's files get 0o077)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], verify: Callable[[Path], None] | None = None) -> None:
     """``write(fh)`` into a temporary beside ``path``, fsync, ``verify(temporary)``, rename over ``path``.
 
@@ -324,6 +337,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], verify: Callable[[Pa
     with signals_deferred():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; the file gets what open() would give
             with os.fdopen(fd, "wb") as fh:
                 sink = _Sink(fh)
                 try:

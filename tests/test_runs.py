@@ -160,6 +160,22 @@ def test_a_damaged_write_never_replaces_the_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_and_logs_get_the_modes_of_plain_files(tmp_path, umask):
+    """A colleague who can read the run directory can read its checkpoints (mkstemp alone gives 0600)."""
+    before = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "checkpoint.pt", _state(0))
+        runs.atomic_write_bytes(tmp_path / "factor_names.json", b"[]")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(before)
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    for name in ("checkpoint.pt", "factor_names.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
+
+
 def test_disk_full_during_a_checkpoint_write(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, _state(0))
