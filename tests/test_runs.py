@@ -204,7 +204,16 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-def test_sigint_during_a_checkpoint_write_waits_for_the_rename(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test: a shell that starts pytest in the background (or
+    CI under nohup) hands it an ignored SIGINT, under which Ctrl-C rightly does nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_during_a_checkpoint_write_waits_for_the_rename(tmp_path, monkeypatch, ctrl_c_raises):
     path = tmp_path / "checkpoint.pt"
     real_save = torch.save
 
@@ -220,13 +229,23 @@ def test_sigint_during_a_checkpoint_write_waits_for_the_rename(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_signals_are_delivered_after_the_block(tmp_path):
+def test_signals_are_delivered_after_the_block(tmp_path, ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():
             signal.raise_signal(signal.SIGINT)
             done.append("finished")
     assert done == ["finished"]
+
+
+def test_an_ignored_signal_stays_ignored_after_the_block():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # --------------------------------------------------------------------------------------------
