@@ -27,7 +27,7 @@ from alr_fast.pipelines.gpu_cache import (
 from alr_fast.pipelines.jpeg_store import load_jpeg_store
 from alr_fast.pipelines.sampler import IdentitySampler
 from alr_fast.pipelines.torch_loader import TorchTrainLoader, decode_store
-from loader_helpers import assert_same_epochs, jpeg_bytes, run_epochs
+from loader_helpers import assert_same_epochs, jpeg_bytes, run_epochs, write_files
 
 H, W = 32, 16
 P, K, STEPS, SEED = 3, 2, 4, 17
@@ -116,12 +116,8 @@ def dataset(tmp_path_factory):
     labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
     camids = rng.integers(1, 7, size=len(labels))
     folder = tmp_path_factory.mktemp("cache")
-    paths = []
-    for i in range(len(labels)):
-        path = folder / f"{i:03d}.jpg"
-        path.write_bytes(jpeg_bytes(rng, int(rng.integers(24, 60)), int(rng.integers(12, 30))))
-        paths.append(str(path))
-    store, _ = load_jpeg_store(paths)
+    blobs = [jpeg_bytes(rng, int(rng.integers(24, 60)), int(rng.integers(12, 30))) for _ in labels]
+    store, _ = load_jpeg_store(write_files(folder, blobs))
     return store, labels, camids
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loader_helpers import jpeg_bytes, run_epochs
+from loader_helpers import jpeg_bytes, run_epochs, write_files
 
 from alr_fast.config import Config, ConfigError, load_config
 from alr_fast.data import train_augmentation
@@ -85,12 +85,8 @@ def dataset(tmp_path_factory):
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(4), 3)
     folder = tmp_path_factory.mktemp("keras_style")
-    paths = []
-    for i in range(len(labels)):
-        path = folder / f"{i:03d}.jpg"
-        path.write_bytes(jpeg_bytes(rng, int(rng.integers(24, 50)), int(rng.integers(12, 30))))
-        paths.append(str(path))
-    store, _ = load_jpeg_store(paths)
+    blobs = [jpeg_bytes(rng, int(rng.integers(24, 50)), int(rng.integers(12, 30))) for _ in labels]
+    store, _ = load_jpeg_store(write_files(folder, blobs))
     return store, labels, rng.integers(1, 5, size=len(labels))
 
 
