@@ -1,4 +1,5 @@
-"""Argument checks shared by the evaluation kernels (NumPy reference now, CuPy later).
+"""Argument checks shared by the evaluation kernels (NumPy reference and CuPy), and the one
+finish of their ranking results.
 
 The checks look only at ``.ndim``, ``.shape`` and ``.dtype`` so that they work on any array type
 with NumPy-style metadata. Every failure is a ``ValueError`` that names the argument and shows
@@ -112,6 +113,20 @@ def check_ranking_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank) 
         )
         max_rank = num_g
     return max_rank
+
+
+def cmc_and_map(first_rank_hist, ap_sum: float, num_q: int, max_rank: int) -> tuple[np.ndarray, float]:
+    """CMC and mAP of ``evaluate_ranking`` from its counts, on both paths: ``first_rank_hist[0]``
+    counts the queries without a valid match, ``first_rank_hist[r]`` those whose first match is at
+    rank r (1-based); ``ap_sum`` sums the valid queries' average precisions."""
+    num_valid = num_q - int(first_rank_hist[0])
+    if num_valid == 0:
+        raise ValueError(
+            "no query has a valid match in the gallery (every query identity is absent from the "
+            "gallery or only seen by the query's own camera)"
+        )
+    cmc = np.cumsum(first_rank_hist[1:max_rank + 1]) / num_valid
+    return cmc.astype(np.float32), float(ap_sum) / num_valid
 
 
 def check_distmat_inputs(qf, gf, metric: str, metrics: tuple[str, ...]):

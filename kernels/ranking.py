@@ -143,12 +143,4 @@ def evaluate_ranking(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int 
         hist += xp.bincount(xp.minimum(first, max_rank + 1), minlength=max_rank + 2)
         ap_sum += ap.sum()
 
-    hist = _host(hist)  # sync: the results
-    num_valid = num_q - int(hist[0])
-    if num_valid == 0:
-        raise ValueError(
-            "no query has a valid match in the gallery (every query identity is absent from the "
-            "gallery or only seen by the query's own camera)"
-        )
-    cmc = np.cumsum(hist[1:max_rank + 1]) / num_valid
-    return cmc.astype(np.float32), float(ap_sum) / num_valid
+    return check.cmc_and_map(_host(hist), float(ap_sum), num_q, max_rank)  # sync: the results

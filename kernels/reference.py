@@ -165,14 +165,7 @@ def evaluate_ranking(
         first_rank_hist += np.bincount(first_rank, minlength=num_g + 1)
         ap_sum += float(ap.sum())
 
-    num_valid = num_q - int(first_rank_hist[0])
-    if num_valid == 0:
-        raise ValueError(
-            "no query has a valid match in the gallery (every query identity is absent from the "
-            "gallery or only seen by the query's own camera)"
-        )
-    cmc = np.cumsum(first_rank_hist[1:max_rank + 1]) / num_valid
-    return cmc.astype(np.float32), ap_sum / num_valid
+    return check.cmc_and_map(first_rank_hist, ap_sum, num_q, max_rank)
 
 
 # --------------------------------------------------------------------------------------------
