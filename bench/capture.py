@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from alr_fast.bench.common import add_out_argument, apply_sized_defaults, environment, result_path, synchronize, write_result
+from alr_fast.bench.common import (
+    add_out_argument, apply_sized_defaults, environment, result_path, sized_help, synchronize, write_result,
+)
 from alr_fast.bench.train import bench_config, make_trainer, resident_batch
 from alr_fast.trainer import input_dtype, resolve_device, resolve_precision
 
@@ -42,12 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="cudagraphs", help="comma list of capture modes to check against eager: "
                    "cudagraphs, reduce-overhead, default, max-autotune (default: cudagraphs, which compiles in seconds)")
-    p.add_argument("--backbone", default=None, help="default resnet50 on a GPU, resnet18 on a CPU")
-    p.add_argument("--height", type=int, default=None, help="default 384 on a GPU, 64 on a CPU")
-    p.add_argument("--width", type=int, default=None, help="default 128 on a GPU, 32 on a CPU")
-    p.add_argument("--P", type=int, default=None, help="identities per batch (default 16 on a GPU, 2 on a CPU)")
-    p.add_argument("--K", type=int, default=None, help="images per identity (default 4 on a GPU, 2 on a CPU)")
-    p.add_argument("--classes", type=int, default=None, help="classifier width (default 751, Market-1501's)")
+    p.add_argument("--backbone", default=None, help=sized_help("", "backbone", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--height", type=int, default=None, help=sized_help("", "height", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--width", type=int, default=None, help=sized_help("", "width", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--P", type=int, default=None, help=sized_help("identities per batch", "P", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--K", type=int, default=None, help=sized_help("images per identity", "K", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--classes", type=int, default=None, help=sized_help("classifier width", "classes", GPU_SIZES, CPU_SIZES))
     p.add_argument("--steps-per-phase", type=int, default=3, help="steps with the backbone frozen, then as many unfrozen")
     p.add_argument("--timed-steps", type=int, default=5, help="further phase-B steps timed after the check")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))

@@ -116,6 +116,15 @@ def add_out_argument(p) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the JSON result and the plot (default {DEFAULT_OUT})")
 
 
+def sized_help(what: str, name: str, gpu: dict[str, Any], cpu: dict[str, Any], note: str = "") -> str:
+    """Help text of an option that ``apply_sized_defaults`` fills: its defaults read from the same
+    tables, so that ``--help`` cannot drift from what a run takes."""
+    g, c = gpu[name], cpu[name]
+    default = f"default {g}" if g == c else f"default {g} on a GPU, {c} on a CPU"
+    inside = f"{default}; {note}" if note else default
+    return f"{what} ({inside})" if what else inside
+
+
 def apply_sized_defaults(args, device: torch.device, gpu: dict[str, Any], cpu: dict[str, Any], prog: str) -> list[str]:
     """Fill the options left unset (``None``) with GPU- or CPU-sized values and say so.
 

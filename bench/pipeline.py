@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from alr_fast.bench.common import (
-    add_out_argument, apply_sized_defaults, bar_label, environment, finish_plot, result_path, time_steps, write_result,
+    add_out_argument, apply_sized_defaults, bar_label, environment, finish_plot, result_path, sized_help, time_steps,
+    write_result,
 )
 
 LOADERS = ("torch", "dali", "dali_parallel", "cache")
@@ -59,23 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {', '.join(LOADERS)}")
     p.add_argument("--modes", default=",".join(MODES), help="loader (alone), train (feeding the step), or both")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--height", type=int, default=None, help="default 384 on a GPU, 128 on a CPU")
-    p.add_argument("--width", type=int, default=None, help="default 128 on a GPU, 64 on a CPU")
-    p.add_argument("--P", type=int, default=None, help="identities per batch (default 16 on a GPU, 8 on a CPU)")
-    p.add_argument("--K", type=int, default=None, help="images per identity (default 4)")
-    p.add_argument("--steps", type=int, default=None, help="timed batches per loader and mode (default 50 on a GPU, "
-                   f"10 on a CPU; at least {MIN_TIMED_PER_IN_FLIGHT}x the loader's in-flight batches)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches first: pipeline build, worker start "
-                   "(default 5 on a GPU, 2 on a CPU)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes of the torch loader "
-                   "(default 8 on a GPU, 2 on a CPU)")
-    p.add_argument("--dali-workers", type=int, default=None, help="external-source worker processes of dali_parallel "
-                   "(default 4 on a GPU, 2 on a CPU)")
-    p.add_argument("--dali-threads", type=int, default=None, help="DALI CPU threads (default 4 on a GPU, 2 on a CPU)")
-    p.add_argument("--backbone", default=None, help="model of the train mode (default resnet50 on a GPU, resnet18 on a CPU)")
+    p.add_argument("--height", type=int, default=None, help=sized_help("", "height", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--width", type=int, default=None, help=sized_help("", "width", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--P", type=int, default=None, help=sized_help("identities per batch", "P", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--K", type=int, default=None, help=sized_help("images per identity", "K", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--steps", type=int, default=None, help=sized_help(
+        "timed batches per loader and mode", "steps", GPU_SIZES, CPU_SIZES,
+        f"at least {MIN_TIMED_PER_IN_FLIGHT}x the loader's in-flight batches"))
+    p.add_argument("--warmup", type=int, default=None, help=sized_help("untimed batches first: pipeline build, worker start",
+                                                                     "warmup", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--workers", type=int, default=None, help=sized_help("DataLoader worker processes of the torch loader",
+                                                                      "workers", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--dali-workers", type=int, default=None, help=sized_help(
+        "external-source worker processes of dali_parallel", "dali_workers", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--dali-threads", type=int, default=None, help=sized_help("DALI CPU threads", "dali_threads", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--backbone", default=None, help=sized_help("model of the train mode", "backbone", GPU_SIZES, CPU_SIZES))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    p.add_argument("--ids", type=int, default=None, help="training identities of the synthetic set (default 200 on a "
-                   "GPU, 40 on a CPU)")
+    p.add_argument("--ids", type=int, default=None, help=sized_help("training identities of the synthetic set", "ids",
+                                                                  GPU_SIZES, CPU_SIZES))
     p.add_argument("--data", default="", help="dataset root (default: synthetic data in a temporary folder)")
     p.add_argument("--dataset", default="market1501", help="layout under --data: market1501, dukemtmc_reid, msmt17")
     add_out_argument(p)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from alr_fast.bench.common import (
-    add_out_argument, apply_sized_defaults, bar_plot, environment, result_path, time_steps, write_result,
+    add_out_argument, apply_sized_defaults, bar_plot, environment, result_path, sized_help, time_steps, write_result,
 )
 from alr_fast.config import load_config
 from alr_fast.trainer import Trainer, build_optimizer, input_dtype, resolve_device, resolve_precision
@@ -51,18 +51,18 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {', '.join(MODES)} (default: all; on a "
                    "CPU all but captured)")
-    p.add_argument("--backbone", default=None, help="default resnet50 on a GPU, resnet18 on a CPU")
-    p.add_argument("--height", type=int, default=None, help="default 384 on a GPU, 128 on a CPU")
-    p.add_argument("--width", type=int, default=None, help="default 128 on a GPU, 64 on a CPU")
-    p.add_argument("--P", type=int, default=None, help="identities per batch (default 16 on a GPU, 4 on a CPU)")
-    p.add_argument("--K", type=int, default=None, help="images per identity (default 4)")
+    p.add_argument("--backbone", default=None, help=sized_help("", "backbone", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--height", type=int, default=None, help=sized_help("", "height", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--width", type=int, default=None, help=sized_help("", "width", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--P", type=int, default=None, help=sized_help("identities per batch", "P", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--K", type=int, default=None, help=sized_help("images per identity", "K", GPU_SIZES, CPU_SIZES))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 50 on a GPU, 5 on a CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode, compilation happens here "
-                   "(default 10 on a GPU, 2 on a CPU)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for torch_loader (default 8 on a "
-                   "GPU, 2 on a CPU)")
+    p.add_argument("--steps", type=int, default=None, help=sized_help("timed steps per mode", "steps", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--warmup", type=int, default=None, help=sized_help("untimed steps per mode, compilation happens here",
+                                                                     "warmup", GPU_SIZES, CPU_SIZES))
+    p.add_argument("--workers", type=int, default=None, help=sized_help("DataLoader workers for torch_loader", "workers",
+                                                                      GPU_SIZES, CPU_SIZES))
     p.add_argument("--data", default="", help="dataset root for the end-to-end modes (default: a synthetic "
                    "Market-1501-layout set generated in a temporary folder)")
     p.add_argument("--classes", type=int, default=751, help="classifier width for the device-resident modes")
