@@ -29,10 +29,7 @@ class InferenceFeatures(nn.Module):
         self.model, self.flip = model, flip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = torch.cat(self.model.branch_features(images), dim=1)
-        if self.flip:
-            out = (out + torch.cat(self.model.branch_features(images.flip(3)), dim=1)) / 2
-        return out
+        return self.model.embed(images, flip=self.flip)
 
 
 def load_inference_task(checkpoint: str | Path, config: str | None = None, overrides: list[str] | None = None):
