@@ -6,7 +6,8 @@ layer for layer:
     stem:   conv1_conv 7x7/2, 64, bias (ZeroPadding 3 -> padding=3) -> conv1_bn -> ReLU
             -> pool1 3x3/2 (ZeroPadding 1; the input is post-ReLU, so 0 padding = -inf padding)
     conv2..conv5 (``layer1..layer4``): 3 / 4,4,8 / 6,23,36 / 3 bottleneck blocks of width
-            64 / 128 / 256 / 512; stride 1 / 2 / 2 / ``last_stride`` (1 in the seed)
+            64 / 128 / 256 / 512; stride 1 / 2 / 2 / 2 (``ReidNet`` sets conv5's to its
+            ``last_stride``, 1 in the seed, through ``CaffeBottleneck.set_stride``)
     block:  1x1 conv (the stride is HERE) -> BN -> ReLU -> 3x3 conv ('same') -> BN -> ReLU
             -> 1x1 conv to 4x width -> BN; first block of a stage: 1x1 conv with stride -> BN
             shortcut; add, ReLU
@@ -63,9 +64,9 @@ class CaffeBottleneck(nn.Module):
 
 class KerasResNet(nn.Module):
     """Caffe-style ResNet50/101/152 without its top; ``forward`` gives the conv5 map [B, 2048, H/32, W/32]
-    (H/16 with ``last_stride=1``)."""
+    (H/16 once conv5's first block has ``set_stride(1)``)."""
 
-    def __init__(self, name: str = "resnet50", last_stride: int = 2) -> None:
+    def __init__(self, name: str = "resnet50") -> None:
         super().__init__()
         if name not in BLOCKS:
             raise ValueError(f"the keras backbone style has {', '.join(BLOCKS)}; got '{name}'")
@@ -77,7 +78,7 @@ class KerasResNet(nn.Module):
         channels = 64
         stages = []
         for i, (blocks, width) in enumerate(zip(BLOCKS[name], WIDTHS)):
-            stride = 1 if i == 0 else (last_stride if i == 3 else 2)
+            stride = 1 if i == 0 else 2
             layer = [CaffeBottleneck(channels, width, stride, shortcut=True)]
             channels = width * CaffeBottleneck.expansion
             layer += [CaffeBottleneck(channels, width, 1, shortcut=False) for _ in range(blocks - 1)]
