@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .augment import TORCHVISION_STYLE, InputStyle, decode_resize
+from .gpu_cache import cache_bytes
 from .jpeg_store import JpegStore
 from .torch_loader import _DeviceFinisher, _int64_column
 
@@ -45,11 +46,7 @@ CACHE_MODES = ("auto", "device", "host", "none")
 _STAGING_IMAGES = 1024
 
 
-def eval_cache_bytes(num_images: int, height: int, width: int) -> int:
-    """Bytes of the uint8 cache of ``num_images`` images of height x width x 3."""
-    if min(num_images, height, width) < 0:
-        raise ValueError(f"sizes must be >= 0, got {num_images}, {height}, {width}")
-    return int(num_images) * int(height) * int(width) * 3
+eval_cache_bytes = cache_bytes  # the evaluation cache has the training cache's layout: N x H x W x 3 uint8
 
 
 @dataclass
