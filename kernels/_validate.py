@@ -140,5 +140,6 @@ def check_distmat_inputs(qf, gf, metric: str, metrics: tuple[str, ...]):
     if metric not in metrics:
         raise ValueError(f"metric must be one of {', '.join(metrics)}; got {metric!r}")
     check_finite("qf", qf)
-    check_finite("gf", gf)
+    if not same:  # the x-x case: that array was just scanned as qf
+        check_finite("gf", gf)
     return qf, gf, same

@@ -241,7 +241,7 @@ def _check_column_maxima(xp, col_max, nonfinite, inputs) -> None:
     """The reference's errors, in its order: non-finite inputs, then unusable maxima."""
     if nonfinite:
         x = dict(zip(_RERANK_NAMES, inputs))[nonfinite[0]]
-        raise ValueError(f"{nonfinite[0]} contains NaN or infinite values ({check.describe(x)})")
+        raise ValueError(check.nonfinite_message(nonfinite[0], x))
     bits = col_max.view(np.uint32)  # non-negative floats: bit tests, immune to flush-to-zero
     bad = _host(xp.flatnonzero((bits == 0) | (bits >= np.uint32(0x7F800000))))
     if bad.size:
