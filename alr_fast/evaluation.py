@@ -41,11 +41,15 @@ class FeatureSet:
     camids: np.ndarray
 
 
+def _check_eval_precision(precision: str) -> None:
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"eval precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+
+
 def eval_input_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype evaluation loaders hand images over in: the autocast dtype of ``eval.precision``
     on a GPU (no cast before the first convolution), float32 otherwise."""
-    if precision not in EVAL_PRECISIONS:
-        raise ValueError(f"eval precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+    _check_eval_precision(precision)
     dtype = EVAL_PRECISIONS[precision]
     return dtype if dtype is not None and device.type == "cuda" else torch.float32
 
@@ -149,8 +153,7 @@ class FeatureExtractor:
 
     def __init__(self, model: torch.nn.Module, *, flip: bool = True, precision: str = "fp32",
                  capture: bool | None = None) -> None:
-        if precision not in EVAL_PRECISIONS:
-            raise ValueError(f"eval precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+        _check_eval_precision(precision)
         self.model, self.flip, self.precision, self.capture = model, flip, precision, capture
         self._captured: _CapturedEmbed | None = None
 
