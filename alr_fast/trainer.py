@@ -246,13 +246,12 @@ def versions() -> dict[str, str]:
 
 
 def evaluate_splits(
-    task: ReidTask, loaders: dict, cfg: Config, trainer_autocast=None, progress: bool = False, splits=None,
+    task: ReidTask, loaders: dict, cfg: Config, progress: bool = False, splits=None,
     dist_env: DistEnv | None = None, *, keep_features: bool = False, stage_times: dict | None = None,
 ) -> dict:
     """Evaluate the model on each (query, gallery) pair of ``loaders``.
 
-    Extraction runs at ``eval.precision`` (``trainer_autocast`` is ignored: the training step's
-    autocast is not the evaluation's; the argument stays for existing callers), captured in a
+    Extraction runs at ``eval.precision`` (not at the training step's autocast), captured in a
     CUDA graph on a GPU (``eval.capture``), one graph for the query and the gallery of a split.
     Each rank extracts features of its contiguous shard; the shards are gathered in rank order.
     On a GPU, torch's cached blocks are released before the CuPy kernels run (CuPy cannot use
@@ -418,7 +417,6 @@ class _Run:
     plan: list[EpochPlan]
     names: list[str]
     logs: dict[str, JsonlLog]
-    precision: str = "fp32"
     start: int = 0
     global_step: int = 0
     pending_eval: int | None = None
@@ -540,7 +538,7 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool, lock: RunLock, advice
     logs = {n: JsonlLog(run_path / f"{n}.jsonl") for n in LOGS}
     run = _Run(cfg, run_path, env, device, data, task, optimizer, trainer, data.train_loader,
                plan_epochs(cfg.optim.freeze_backbone_epochs, cfg.optim.epochs), task.regularizer.names(), logs,
-               precision=precision, selection=selection_split(cfg))
+               selection=selection_split(cfg))
     if ckpt is None:
         if main:
             _create_run_dir(run, lock, resume, advice, data.dataset.summary())
@@ -658,7 +656,7 @@ def _last_good(run: _Run) -> str:
 def _diverged(run: _Run, ep: EpochPlan, what: str) -> DivergenceError:
     return DivergenceError(
         f"training diverged: {what} in epoch {ep.index + 1}/{len(run.plan)} (phase {ep.phase}). Nothing non-finite "
-        f"was written: {_last_good(run)}. {divergence_advice(run.cfg.optim, run.precision)}."
+        f"was written: {_last_good(run)}. {divergence_advice(run.cfg.optim, run.trainer.precision)}."
     )
 
 
@@ -669,7 +667,7 @@ def _check_losses(run: _Run, ep: EpochPlan, values: dict[str, float], first_step
     if not bad:
         return
     steps = f"step {run.global_step}" if first_step == run.global_step else f"steps {first_step}-{run.global_step}"
-    if run.precision == "fp16":
+    if run.trainer.precision == "fp16":
         names = nonfinite_tensors(list(run.task.named_parameters()), run.env)
         if not names:
             log.warning("fp16: non-finite losses in %s (%s); the gradient scaler skipped those steps", steps,
@@ -731,8 +729,8 @@ def _evaluate_epoch(run: _Run, ep: EpochPlan, due: list[tuple[str, bool]]) -> di
     cfg = run.cfg
     run.where = f"in the evaluation after epoch {ep.index + 1}/{len(run.plan)}"
     with run.trainer.regions("evaluation"):
-        results = evaluate_splits(run.task, run.data.eval_loaders, cfg, run.trainer.autocast,
-                                  cfg.run.progress and run.env.is_main, splits=[s for s, _ in due], dist_env=run.env)
+        results = evaluate_splits(run.task, run.data.eval_loaders, cfg, cfg.run.progress and run.env.is_main,
+                                  splits=[s for s, _ in due], dist_env=run.env)
     if not run.env.is_main:
         return results
     regular = dict(due)

@@ -197,7 +197,7 @@ def test_evaluate_splits_keeps_features_only_when_asked(images):
     assert metrics["num_query"] == metrics["num_gallery"] == 21 and 0 < metrics["mAP"] <= 1
     assert set(times) >= {"extraction", "distance", "ranking"}
     exact_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, exact=True))
-    exact, kept = evaluate_splits(task, loaders, exact_cfg, None, False, ["test"], keep_features=True)["test"]
+    exact, kept = evaluate_splits(task, loaders, exact_cfg, False, ["test"], keep_features=True)["test"]
     q, g = kept
     assert isinstance(q, FeatureSet) and q.features.shape[0] == 21 and torch.equal(q.features, g.features)
     assert exact["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3)
