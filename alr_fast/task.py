@@ -66,6 +66,16 @@ def is_alr_fast_checkpoint(path: str) -> bool:
         return bool(pickles) and b"alr-fast/" in archive.read(pickles[0])
 
 
+def state_differences(own: dict, source: dict) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, reshaped) names of state dict ``source`` against ``own``: tensors of
+    ``own`` that ``source`` lacks, tensors of ``source`` that ``own`` lacks, and tensors of both
+    whose shapes differ (in ``own``'s order)."""
+    missing = [k for k in own if k not in source]
+    unexpected = [k for k in source if k not in own]
+    reshaped = [k for k in own if k in source and tuple(own[k].shape) != tuple(source[k].shape)]
+    return missing, unexpected, reshaped
+
+
 def warm_start(task: ReidTask, path: str) -> dict:
     """Initialise ``task`` from an alr-fast checkpoint: every tensor of the same name and shape
     (backbone, heads, BN statistics, thetas). Classifiers of another class count (another
@@ -74,9 +84,8 @@ def warm_start(task: ReidTask, path: str) -> dict:
 
     source = load_checkpoint(path)["task"]
     own = task.state_dict()
-    missing = [k for k in own if k not in source]
-    unexpected = [k for k in source if k not in own]
-    reshaped = {k for k in own if k in source and tuple(own[k].shape) != tuple(source[k].shape)}
+    missing, unexpected, reshaped = state_differences(own, source)
+    reshaped = set(reshaped)
     classifiers = {k for k in reshaped if k.startswith("model.classifiers.")}
     if missing or unexpected or reshaped - classifiers:
         first = (missing or unexpected or sorted(reshaped - classifiers))[0]

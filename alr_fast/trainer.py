@@ -39,7 +39,7 @@ from .schedule import learning_rate, schedule_from_config
 from .distributed import DistEnv, all_reduce_mean, barrier, gather_numpy, gather_objects, gather_rows, init_distributed, shutdown
 from .evaluation import FeatureSet
 from .profiling import Regions, step_profiler
-from .task import ReidTask, build_task
+from .task import ReidTask, build_task, state_differences
 
 log = logging.getLogger("alr_fast")
 
@@ -582,9 +582,7 @@ def _create_run_dir(run: _Run, lock: RunLock, resume: bool, advice: str | None, 
 def load_task_state(task: torch.nn.Module, state: dict, path: Path) -> None:
     """``task.load_state_dict(state)``, or a CheckpointError that says briefly how they differ."""
     own = task.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    missing, unexpected, reshaped = state_differences(own, state)
     if missing or unexpected or reshaped:
         parts = [f"{len(missing)} tensor(s) missing (first {missing[0]})" if missing else "",
                  f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
