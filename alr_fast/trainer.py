@@ -976,11 +976,7 @@ def evaluate_checkpoint(
     if config is not None:
         raise ConfigError(f"--config cannot be used with {path}: an alr-fast checkpoint carries the config it was "
                           f"trained with. Overrides of data.root, run.device, eval.* and the like still apply")
-    folder = Path(out) if out else path.parent
-    lock = RunLock(folder)
-    if is_run_dir(folder):
-        lock.acquire(advice="or write the report elsewhere with --out DIR")
-    try:
+    with _report_folder(out, path) as folder:
         state = load_checkpoint(path)
         cfg = _evaluation_config(state, path, overrides, allow_input_change)
         if note:
@@ -988,6 +984,18 @@ def evaluate_checkpoint(
         what = _describe_checkpoint(path, state)
         log.info("evaluating %s", what)
         return _evaluate_state(state, cfg, path, what, re_ranking, folder)
+
+
+@contextlib.contextmanager
+def _report_folder(out: str | Path | None, path: Path):
+    """The folder an evaluation report goes to (``out``, else the evaluated file's), held under
+    the run lock when it is a run directory, whose owner could be writing there."""
+    folder = Path(out) if out else path.parent
+    lock = RunLock(folder)
+    if is_run_dir(folder):
+        lock.acquire(advice="or write the report elsewhere with --out DIR")
+    try:
+        yield folder
     finally:
         lock.release()
 
@@ -1005,16 +1013,10 @@ def _evaluate_keras_file(path: Path, config: Config | None, overrides: list[str]
                           f"--config market1501_resnet50_keras data.root=...")
     if not path.is_file():
         raise RunDirError(f"Keras model file {path} does not exist")
-    folder = Path(out) if out else path.parent
-    lock = RunLock(folder)
-    if is_run_dir(folder):
-        lock.acquire(advice="or write the report elsewhere with --out DIR")
-    try:
+    with _report_folder(out, path) as folder:
         what = f"{path}: a Keras training model of the original code ({config.model.backbone}, keras style)"
         log.info("evaluating %s", what)
         return _evaluate_state(None, config, path, what, re_ranking, folder)
-    finally:
-        lock.release()
 
 
 def _evaluate_state(state: dict | None, cfg: Config, path: Path, what: str, re_ranking: bool | None,
