@@ -542,10 +542,11 @@ class JsonlLog:
             out.append(record)
         return out
 
-    def keep(self, predicate: Callable[[dict], bool]) -> int:
+    def keep(self, predicate: Callable[[dict], bool], records: list[dict] | None = None) -> int:
         """Rewrite the log atomically with only the records that satisfy ``predicate``; returns
-        how many were dropped. A damaged line other than the last is an error (nothing is changed)."""
-        records = self.read(strict=True)
+        how many were dropped. A damaged line other than the last is an error (nothing is changed).
+        ``records``: what ``read(strict=True)`` returned, when the caller has just read it."""
+        records = self.read(strict=True) if records is None else records
         kept = [r for r in records if predicate(r)]
         if self.path.is_file() or kept:
             data = "".join(json.dumps(strict_record(r), allow_nan=False) + "\n" for r in kept)

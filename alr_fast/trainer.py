@@ -597,9 +597,10 @@ def _restore(run: _Run, ckpt: dict) -> None:
     """Load a checkpoint into the run; rank 0 also tidies the directory and its logs."""
     if ckpt.get("num_classes") != run.data.num_classes:
         raise RunDirError(f"{run.dir}: the checkpoint has {ckpt.get('num_classes')} classes, the dataset {run.data.num_classes}")
+    logged: dict[str, list[dict]] = {}
     if run.env.is_main:
-        for jl in run.logs.values():  # before anything is changed: a damaged log line stops the resume here
-            jl.read(strict=True)
+        # read once, before anything is changed: a damaged log line stops the resume here
+        logged = {name: jl.read(strict=True) for name, jl in run.logs.items()}
         _report_temporaries(run.dir)
     load_task_state(run.task, ckpt["task"], run.dir / CHECKPOINT)
     run.start, run.global_step, run.best = ckpt["next_index"], ckpt["global_step"], dict(ckpt["best"])
@@ -613,13 +614,13 @@ def _restore(run: _Run, ckpt: dict) -> None:
     if run.env.is_main:
         _restore_factor_names(run.dir, run.names, ckpt.get("factor_names"))
         _sync_config_yaml(run.dir, run.cfg)
-        for record in run.logs["metrics"].read(strict=True):  # what the summary reports as the last metrics
+        for record in logged["metrics"]:  # what the summary reports as the last metrics
             if record.get("epoch", 0) <= run.start and (record.get("split") == "test" or run.selection == "valid"):
                 run.last_metrics = record
     if run.pending_eval is not None:
         # the checkpoint was written before this epoch's evaluation; if the log holds all of it,
         # it finished (best.pt is written before its record), else it runs again
-        done = _logged_evaluation(run.cfg, run.plan, run.pending_eval, run.logs["metrics"]) if run.env.is_main else None
+        done = _logged_evaluation(run.cfg, run.plan, run.pending_eval, logged["metrics"]) if run.env.is_main else None
         if run.env.enabled:
             done = gather_objects(done, run.env)[0]  # rank 0's verdict: every rank evaluates or none
         if done is not None:
@@ -631,7 +632,7 @@ def _restore(run: _Run, ckpt: dict) -> None:
         last_eval = run.start - 1 if run.pending_eval is not None else run.start
         for name, jl in run.logs.items():
             limit = last_eval if name == "metrics" else run.start
-            dropped = jl.keep(lambda r, limit=limit: r.get("epoch", 0) <= limit)
+            dropped = jl.keep(lambda r, limit=limit: r.get("epoch", 0) <= limit, records=logged[name])
             if dropped:
                 log.info("%s: %d record(s) written after the checkpoint dropped (they are redone)", jl.path.name, dropped)
 
@@ -759,10 +760,11 @@ def _select(run: _Run, record: dict) -> bool:
     return True
 
 
-def _logged_evaluation(cfg: Config, plan: list[EpochPlan], index: int, metrics: JsonlLog) -> list[dict] | None:
-    """The metrics records of epoch ``index`` (0-based) when all its due evaluations were logged."""
+def _logged_evaluation(cfg: Config, plan: list[EpochPlan], index: int, metrics: list[dict]) -> list[dict] | None:
+    """The records of epoch ``index`` (0-based) among the ``metrics`` log's when all its due
+    evaluations were logged."""
     due = {s for s, _ in evaluations_due(cfg, plan[index], len(plan))}
-    records = [r for r in metrics.read(strict=True) if r.get("epoch") == index + 1]
+    records = [r for r in metrics if r.get("epoch") == index + 1]
     return records if {r.get("split") for r in records} >= due else None
 
 
@@ -775,7 +777,7 @@ def training_finished(run_dir: str | Path) -> bool:
     if state["next_index"] < len(plan):
         return False
     pending = state.get("pending_eval")
-    return pending is None or _logged_evaluation(cfg, plan, pending, JsonlLog(run / "metrics.jsonl")) is not None
+    return pending is None or _logged_evaluation(cfg, plan, pending, JsonlLog(run / "metrics.jsonl").read(strict=True)) is not None
 
 
 def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, resume_command: str | None = None,
