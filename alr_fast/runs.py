@@ -63,6 +63,12 @@ _RUN_FOLDERS = frozenset({"plots", "profile"})
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
 
 
+def _is_temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary of an atomic write of a file a run writes."""
+    match = _TEMPORARY.match(name)
+    return bool(match) and match.group("target") in _RUN_FILES | {CHECKPOINT, BEST}
+
+
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (exists already, in use, nothing to resume)."""
 
@@ -81,8 +87,7 @@ def _foreign_entries(run: Path) -> list[str]:
         name = entry.name
         if name in _RUN_FILES or (name in _RUN_FOLDERS and entry.is_dir()):
             continue
-        match = _TEMPORARY.match(name)
-        if match and match.group("target") in _RUN_FILES | {CHECKPOINT, BEST}:
+        if _is_temporary(name):
             continue
         out.append(name + ("/" if entry.is_dir() else ""))
     return out
@@ -142,8 +147,7 @@ def remove_temporaries(run: str | Path) -> list[tuple[str, int]]:
     """
     removed = []
     for entry in Path(run).iterdir():
-        match = _TEMPORARY.match(entry.name)
-        if match and match.group("target") in _RUN_FILES | {CHECKPOINT, BEST} and entry.is_file():
+        if _is_temporary(entry.name) and entry.is_file():
             size = entry.stat().st_size
             entry.unlink(missing_ok=True)
             removed.append((entry.name, size))
