@@ -124,10 +124,11 @@ class _DeviceFinisher:
         return self.device.type == "cuda"
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised [B, 3, H, W] in ``dtype`` on the device."""
+        """uint8 [B, 3, H, W] (any strides) -> normalised [B, 3, H, W] in ``dtype`` on the device,
+        in the loader's memory format: made on uint8 after the copy, 4x fewer bytes than after
+        normalising, and the copy leaves a pinned source as it is."""
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return normalize(images, self.mean, self.std, self.dtype, style=self.style)
 
     def __call__(self, batch: Batch) -> Batch:
