@@ -498,8 +498,10 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool, lock: RunLock, advice
     run_path = Path(run_dir)
     # only rank 0 judges the directory: the others would see the one rank 0 is about to create
     has_ckpt = resume and (run_path / CHECKPOINT).is_file()
+    reused = False  # whether an earlier start left files here, seen before this one adds its lock and log
     if main:
         has_ckpt = _judge_run_dir(run_path, resume, advice)
+        reused = run_path.is_dir() and any(p.name != LOCK for p in run_path.iterdir())
         if run_path.is_dir():
             lock.acquire()
             has_ckpt = _judge_run_dir(run_path, resume, advice)  # again, now that nobody else can change it
@@ -541,7 +543,7 @@ def _start(cfg: Config, run_dir: str | Path, resume: bool, lock: RunLock, advice
                selection=selection_split(cfg))
     if ckpt is None:
         if main:
-            _create_run_dir(run, lock, resume, advice, data.dataset.summary())
+            _create_run_dir(run, lock, resume, advice, data.dataset.summary(), reused)
         barrier(env)
     else:
         _restore(run, ckpt)
@@ -558,9 +560,10 @@ def _judge_run_dir(run_path: Path, resume: bool, advice: str | None) -> bool:
     return False
 
 
-def _create_run_dir(run: _Run, lock: RunLock, resume: bool, advice: str | None, summary: str) -> None:
-    """Create (or reuse) the run directory of a run that starts at epoch 1, under its lock."""
-    reused = run.dir.is_dir() and any(p.name != LOCK for p in run.dir.iterdir())
+def _create_run_dir(run: _Run, lock: RunLock, resume: bool, advice: str | None, summary: str,
+                    reused: bool) -> None:
+    """Create (or reuse: ``reused``, an earlier start's files are there) the run directory of a run
+    that starts at epoch 1, under its lock."""
     run.dir.mkdir(parents=True, exist_ok=True)
     if not lock.held:
         lock.acquire()

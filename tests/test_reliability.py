@@ -329,8 +329,19 @@ def test_a_directory_without_checkpoint_does_not_block_a_retry(how, tiny_data, t
     assert "pid 999999 on host elsewhere (since earlier), which ended without releasing it" in log
     assert ("has no checkpoint yet (the start stopped before its first one): training from epoch 1" in log) == (
         how == "--resume")
+    assert f"reusing {run}: it holds no checkpoint, only what a start that stopped early wrote" in log
     assert not list(run.glob(".*.tmp")) and not (run / "run.lock").exists()
     _same_logs(run, tiny_run)
+
+
+@pytest.mark.slow
+def test_an_empty_existing_directory_is_a_new_run_not_a_reused_one(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["train", "--out", str(run), f"data.root={tiny_data}", *TINY, "optim.epochs=0",
+                 "optim.freeze_backbone_epochs=1", "run.plots=false"]) == 0
+    log = (run / "train.log").read_text()
+    assert f"new run in {run}" in log and "reusing" not in log  # its own lock and log are no earlier start's
 
 
 # --------------------------------------------------------------------------------------------
