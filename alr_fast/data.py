@@ -77,18 +77,25 @@ def resolve_loader_kind(requested: str, device: torch.device, num_images: int, h
     return requested
 
 
-def _eval_loader(records, what: str, cfg, device, channels_last: bool, progress: bool, env: DistEnv, kind: str,
-                 plan: EvalCachePlan):
+def _eval_loader_options(cfg, device, channels_last: bool) -> dict:
+    """What every evaluation loader of a run shares: images in the dtype of ``eval.precision``, one
+    batch size (auto: chosen once, before any evaluation cache takes device memory, so the query
+    and the gallery batches have the one shape the captured extraction replays)."""
+    dtype = eval_input_dtype(cfg.eval.precision, device)
+    batch_size = auto_batch_size(cfg.eval.batch_size, device, cfg.data.height, cfg.data.width, dtype)
+    return dict(batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,
+                input_style=input_style_for(cfg.model.backbone_style))
+
+
+def _eval_loader(records, what: str, cfg, device, progress: bool, env: DistEnv, kind: str, plan: EvalCachePlan,
+                 common: dict):
     """The loader of one evaluation set: the decode-once cache where ``plan`` places it, else the
-    JPEG loader (DALI or torch). Images come in the dtype of ``eval.precision``."""
+    JPEG loader (DALI or torch), with the run's ``common`` options (``_eval_loader_options``)."""
     start, stop = shard_range(len(records), env)  # contiguous shards: gathering restores the order
     store, records, _ = _load_store(list(records)[start:stop], what, cfg, progress)
     pids = np.array([r.pid for r in records], dtype=np.int64)
     camids = np.array([r.camid for r in records], dtype=np.int64)
     height, width = cfg.data.height, cfg.data.width
-    dtype = eval_input_dtype(cfg.eval.precision, device)
-    common = dict(batch_size=auto_batch_size(cfg.eval.batch_size, device, height, width, dtype), device=device,
-                  dtype=dtype, channels_last=channels_last, input_style=input_style_for(cfg.model.backbone_style))
     placement = plan.placement(eval_cache_bytes(len(store), height, width))
     if placement != "none":
         cache = build_eval_cache(store, height, width, placement=placement, device=device,
@@ -180,15 +187,16 @@ def build_data(
     if train:
         preflight.check_sampler(train_labels, d.identities_per_batch, d.images_per_identity, dataset.num_classes)
 
+    common = _eval_loader_options(cfg, device, channels_last) if valid is not None or test is not None else {}
     if valid is not None:
         bundle.eval_loaders["valid"] = (
-            _eval_loader(valid[0], "valid query", cfg, device, channels_last, progress, env, eval_kind, plan),
-            _eval_loader(valid[1], "valid gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(valid[0], "valid query", cfg, device, progress, env, eval_kind, plan, common),
+            _eval_loader(valid[1], "valid gallery", cfg, device, progress, env, eval_kind, plan, common),
         )
     if test is not None:
         bundle.eval_loaders["test"] = (
-            _eval_loader(test[0], "query", cfg, device, channels_last, progress, env, eval_kind, plan),
-            _eval_loader(test[1], "gallery", cfg, device, channels_last, progress, env, eval_kind, plan),
+            _eval_loader(test[0], "query", cfg, device, progress, env, eval_kind, plan, common),
+            _eval_loader(test[1], "gallery", cfg, device, progress, env, eval_kind, plan, common),
         )
 
     if train:
