@@ -88,12 +88,8 @@ def _time_phase(trainer, batches, device, steps: int, warmup: int, max_seconds: 
     return {"warmup_steps": warmup, "warmup_s": warmup_s, "timed_steps": steps, "step_s": total / steps}
 
 
-def _batches(loader):
-    while True:
-        yield from loader
-
-
 def run(args) -> dict:
+    from alr_fast.bench.train import loader_steps
     from alr_fast.config import load_config
     from alr_fast.data import build_data
     from alr_fast.runs import save_checkpoint
@@ -140,7 +136,7 @@ def run(args) -> dict:
             task.model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(task, cfg.optim, device)
         trainer = Trainer(task, optimizer, device=device, precision=precision, compile_mode=cfg.run.compile)
-        batches = _batches(data.train_loader)
+        batches = loader_steps(data.train_loader)
         task.train()
         phases = {}
         for name, frozen in (("A", True), ("B", False)):

@@ -112,7 +112,7 @@ def resident_batch(args, device: torch.device, dtype: torch.dtype, channels_last
     return images, labels, torch.zeros_like(labels)
 
 
-def _loader_steps(loader):
+def loader_steps(loader):
     """An endless stream of batches over epochs."""
     while True:
         yield from loader
@@ -148,7 +148,7 @@ def run_mode(mode: str, args, device: torch.device, data_root: str) -> dict:
         cfg = bench_config(args, "dali" if mode == "dali" else "torch", data_root, penalty)
         data = build_data(cfg, device=device, dtype=dtype, channels_last=device.type == "cuda", progress=False)
         trainer = make_trainer(cfg, data.num_classes, device, True, compile_mode)
-        stream = _loader_steps(data.train_loader)
+        stream = loader_steps(data.train_loader)
 
         def step():
             return trainer.train_step(next(stream))
